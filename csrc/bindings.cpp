@@ -1,0 +1,132 @@
+// pybind11 bindings for erasus._C. Arrays arrive as numpy views of torch tensors and are used in place:
+// every array argument is .noconvert() and checked here, so a wrong dtype or layout is an error, never a copy.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "coreset.h"
+#include "element.h"
+#include "parallel.h"
+
+namespace py = pybind11;
+
+namespace {
+
+struct ArrayDTypeError : std::invalid_argument { using std::invalid_argument::invalid_argument; };
+struct ArrayLayoutError : std::invalid_argument { using std::invalid_argument::invalid_argument; };
+struct ArrayShapeError : std::invalid_argument { using std::invalid_argument::invalid_argument; };
+
+enum class Elem { f32, f16, bf16 };
+
+Elem parse_elem(const std::string& name) {
+  if (name == "float32") return Elem::f32;
+  if (name == "float16") return Elem::f16;
+  if (name == "bfloat16") return Elem::bf16;
+  throw ArrayDTypeError("element type must be float32, float16 or bfloat16, got '" + name + "'");
+}
+
+void require_layout(const py::array& a, const char* name, bool writeable) {
+  if (!(a.flags() & py::array::c_style))
+    throw ArrayLayoutError(std::string(name) + " must be C-contiguous (call .contiguous() first)");
+  if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
+    throw ArrayLayoutError(std::string(name) + " must be aligned to its element size");
+  if (writeable && !a.writeable()) throw ArrayLayoutError(std::string(name) + " must be writeable");
+}
+
+// The matrix argument: 2-D, C-contiguous, with an element type that matches `elem`. bfloat16 has no numpy
+// dtype, so it arrives as an int16/uint16 view of the same memory.
+void check_matrix(const py::array& x, Elem elem) {
+  if (x.ndim() != 2) throw ArrayShapeError("x must be 2-D (n, d), got " + std::to_string(x.ndim()) + "-D");
+  const char kind = x.dtype().kind();
+  const auto size = x.itemsize();
+  bool ok = false;
+  switch (elem) {
+    case Elem::f32: ok = kind == 'f' && size == 4; break;
+    case Elem::f16: ok = kind == 'f' && size == 2; break;
+    case Elem::bf16: ok = (kind == 'i' || kind == 'u') && size == 2; break;
+  }
+  if (!ok)
+    throw ArrayDTypeError("x has numpy dtype '" + std::string(py::str(x.dtype())) +
+                          "', which does not hold the declared element type");
+  require_layout(x, "x", false);
+}
+
+template <typename T>
+void check_vector(const py::array& a, const char* name, int64_t length, bool writeable) {
+  if (!py::isinstance<py::array_t<T>>(a) || a.dtype().itemsize() != sizeof(T))
+    throw ArrayDTypeError(std::string(name) + " has numpy dtype '" + std::string(py::str(a.dtype())) + "', expected " +
+                          std::string(py::str(py::dtype::of<T>())));
+  if (a.ndim() != 1 || a.shape(0) != length)
+    throw ArrayShapeError(std::string(name) + " must be 1-D of length " + std::to_string(length));
+  require_layout(a, name, writeable);
+}
+
+template <typename F>
+auto dispatch(Elem elem, const py::array& x, F&& f) {
+  switch (elem) {
+    case Elem::f16: return f(static_cast<const erasus::half_bits*>(x.data()));
+    case Elem::bf16: return f(static_cast<const erasus::bf16_bits*>(x.data()));
+    default: return f(static_cast<const float*>(x.data()));
+  }
+}
+
+float kcenter_greedy(const py::array& x, const std::string& elem_name, const py::array& init, py::array& out,
+                     py::array& min_dist) {
+  const Elem elem = parse_elem(elem_name);
+  check_matrix(x, elem);
+  const int64_t n = x.shape(0), d = x.shape(1);
+  const int64_t k = out.ndim() == 1 ? out.shape(0) : -1;
+  if (n < 1) throw ArrayShapeError("x must have at least one row");
+  if (k < 1 || k > n) throw ArrayShapeError("out must be 1-D with 1 <= length <= n");
+  const int64_t n_init = init.ndim() == 1 ? init.shape(0) : -1;
+  if (n_init < 1 || n_init > k) throw ArrayShapeError("init must be 1-D with 1 <= length <= len(out)");
+  check_vector<int64_t>(init, "init", n_init, false);
+  check_vector<int64_t>(out, "out", k, true);
+  check_vector<float>(min_dist, "min_dist", n, true);
+  const auto* init_ptr = static_cast<const int64_t*>(init.data());
+  for (int64_t i = 0; i < n_init; ++i)
+    if (init_ptr[i] < 0 || init_ptr[i] >= n) throw ArrayShapeError("init holds an index outside [0, n)");
+  auto* out_ptr = static_cast<int64_t*>(out.mutable_data());
+  auto* min_ptr = static_cast<float*>(min_dist.mutable_data());
+  py::gil_scoped_release release;
+  return dispatch(elem, x, [&](auto* data) {
+    return erasus::kcenter_greedy(data, n, d, init_ptr, n_init, k, out_ptr, min_ptr);
+  });
+}
+
+void herding(const py::array& x, const std::string& elem_name, py::array& out, py::array& selected) {
+  const Elem elem = parse_elem(elem_name);
+  check_matrix(x, elem);
+  const int64_t n = x.shape(0), d = x.shape(1);
+  const int64_t k = out.ndim() == 1 ? out.shape(0) : -1;
+  if (n < 1) throw ArrayShapeError("x must have at least one row");
+  if (k < 1 || k > n) throw ArrayShapeError("out must be 1-D with 1 <= length <= n");
+  check_vector<int64_t>(out, "out", k, true);
+  check_vector<uint8_t>(selected, "selected", n, true);
+  auto* out_ptr = static_cast<int64_t*>(out.mutable_data());
+  auto* sel_ptr = static_cast<uint8_t*>(selected.mutable_data());
+  py::gil_scoped_release release;
+  dispatch(elem, x, [&](auto* data) { erasus::herding(data, n, d, k, out_ptr, sel_ptr); });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "Erasus compiled CPU kernels (pybind11 + OpenMP). Use erasus.ops, not this module.";
+  py::register_exception<ArrayDTypeError>(m, "ArrayDTypeError", PyExc_TypeError);
+  py::register_exception<ArrayLayoutError>(m, "ArrayLayoutError", PyExc_ValueError);
+  py::register_exception<ArrayShapeError>(m, "ArrayShapeError", PyExc_ValueError);
+  m.def("kcenter_greedy", &kcenter_greedy, py::arg("x").noconvert(), py::arg("elem"), py::arg("init").noconvert(),
+        py::arg("out").noconvert(), py::arg("min_dist").noconvert(),
+        "Greedy k-center in place; returns the squared covering radius.");
+  m.def("herding", &herding, py::arg("x").noconvert(), py::arg("elem"), py::arg("out").noconvert(),
+        py::arg("selected").noconvert(), "Herding selection written into out.");
+  m.def("max_threads", &erasus::max_threads, "OpenMP threads the kernels use.");
+#ifdef _OPENMP
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
+}

@@ -1,0 +1,130 @@
+#include "coreset.h"
+
+#include <limits>
+#include <vector>
+
+#include "element.h"
+#include "parallel.h"
+
+namespace erasus {
+namespace {
+
+template <typename T>
+inline float squared_distance(const T* row, const float* centre, int64_t d) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t t = 0; t < d; ++t) {
+    const float diff = to_float(row[t]) - centre[t];
+    acc += diff * diff;
+  }
+  return acc;
+}
+
+template <typename T>
+inline void widen_row(const T* row, int64_t d, float* dst) {
+  for (int64_t t = 0; t < d; ++t) dst[t] = to_float(row[t]);
+}
+
+struct Best {
+  float value;
+  int64_t index;
+};
+
+// Serial merge of the per-thread winners; `better(a, b)` is strict, so ties keep the lower index
+// because thread blocks are ordered by row.
+template <typename Better>
+inline Best merge(const std::vector<Best>& per_thread, Better better) {
+  Best best = per_thread[0];
+  for (size_t i = 1; i < per_thread.size(); ++i) {
+    if (per_thread[i].index >= 0 && (best.index < 0 || better(per_thread[i].value, best.value))) best = per_thread[i];
+  }
+  return best;
+}
+
+}  // namespace
+
+template <typename T>
+float kcenter_greedy(const T* x, int64_t n, int64_t d, const int64_t* init, int64_t n_init, int64_t k,
+                     int64_t* out, float* min_dist) {
+  std::vector<float> centre(static_cast<size_t>(d));
+  std::vector<Best> per_thread(static_cast<size_t>(max_threads()));
+  for (int64_t j = 0; j < n; ++j) min_dist[j] = std::numeric_limits<float>::infinity();
+  for (int64_t s = 0; s < n_init; ++s) out[s] = init[s];
+
+  float radius2 = 0.f;
+  for (int64_t s = 0; s < k; ++s) {
+    const int64_t c = out[s];
+    widen_row(x + c * d, d, centre.data());
+    min_dist[c] = -1.f;  // a centre is never chosen again, even among exact duplicates
+    for (auto& b : per_thread) b = Best{-2.f, -1};
+    parallel_blocks(n, [&](int64_t begin, int64_t end, int tid) {
+      Best best{-2.f, -1};
+      for (int64_t j = begin; j < end; ++j) {
+        float m = min_dist[j];
+        if (m >= 0.f) {
+          const float dist = squared_distance(x + j * d, centre.data(), d);
+          if (dist < m) m = dist;
+          min_dist[j] = m;
+        }
+        if (m > best.value) best = Best{m, j};
+      }
+      per_thread[static_cast<size_t>(tid)] = best;
+    });
+    const Best best = merge(per_thread, [](float a, float b) { return a > b; });
+    if (s + 1 < k && s + 1 >= n_init) out[s + 1] = best.index;
+    radius2 = best.value > 0.f ? best.value : 0.f;
+  }
+  return radius2;
+}
+
+template <typename T>
+void herding(const T* x, int64_t n, int64_t d, int64_t k, int64_t* out, uint8_t* selected) {
+  const int nt = max_threads();
+  // The mean in double: one pass, per-thread partial sums merged serially.
+  std::vector<double> partial(static_cast<size_t>(nt) * static_cast<size_t>(d), 0.0);
+  parallel_blocks(n, [&](int64_t begin, int64_t end, int tid) {
+    double* acc = partial.data() + static_cast<size_t>(tid) * static_cast<size_t>(d);
+    for (int64_t j = begin; j < end; ++j) {
+      const T* row = x + j * d;
+      for (int64_t t = 0; t < d; ++t) acc[t] += to_float(row[t]);
+    }
+  });
+  std::vector<double> mean(static_cast<size_t>(d), 0.0), chosen_sum(static_cast<size_t>(d), 0.0);
+  for (int i = 0; i < nt; ++i)
+    for (int64_t t = 0; t < d; ++t) mean[t] += partial[static_cast<size_t>(i) * d + t];
+  for (int64_t t = 0; t < d; ++t) mean[t] /= static_cast<double>(n);
+
+  for (int64_t j = 0; j < n; ++j) selected[j] = 0;
+  std::vector<float> target(static_cast<size_t>(d));
+  std::vector<Best> per_thread(static_cast<size_t>(nt));
+  for (int64_t i = 0; i < k; ++i) {
+    for (int64_t t = 0; t < d; ++t) target[t] = static_cast<float>((i + 1) * mean[t] - chosen_sum[t]);
+    for (auto& b : per_thread) b = Best{std::numeric_limits<float>::infinity(), -1};
+    parallel_blocks(n, [&](int64_t begin, int64_t end, int tid) {
+      Best best{std::numeric_limits<float>::infinity(), -1};
+      for (int64_t j = begin; j < end; ++j) {
+        if (selected[j]) continue;
+        const float dist = squared_distance(x + j * d, target.data(), d);
+        if (best.index < 0 || dist < best.value) best = Best{dist, j};
+      }
+      per_thread[static_cast<size_t>(tid)] = best;
+    });
+    const Best best = merge(per_thread, [](float a, float b) { return a < b; });
+    out[i] = best.index;
+    selected[best.index] = 1;
+    const T* row = x + best.index * d;
+    for (int64_t t = 0; t < d; ++t) chosen_sum[t] += to_float(row[t]);
+  }
+}
+
+#define ERASUS_INSTANTIATE(T)                                                                              \
+  template float kcenter_greedy<T>(const T*, int64_t, int64_t, const int64_t*, int64_t, int64_t, int64_t*, \
+                                   float*);                                                                \
+  template void herding<T>(const T*, int64_t, int64_t, int64_t, int64_t*, uint8_t*);
+
+ERASUS_INSTANTIATE(float)
+ERASUS_INSTANTIATE(half_bits)
+ERASUS_INSTANTIATE(bf16_bits)
+#undef ERASUS_INSTANTIATE
+
+}  // namespace erasus

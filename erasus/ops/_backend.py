@@ -1,0 +1,107 @@
+"""Which backend runs an op: availability, the per-device default, and explicit overrides.
+
+Rules:
+- ``backend=`` (argument) or ``ERASUS_BACKEND`` (environment) is explicit: if that backend cannot run the
+  op here, the call raises :class:`BackendUnavailableError` -- an explicit request never silently changes.
+  The environment variable only applies to ops that have that backend; the argument must name one of the op's.
+- Otherwise the op runs on the fastest correct backend for the tensor's device as measured by ``bench/``
+  (``bench/RESULTS.md``): ``cpp`` on CPU, ``triton`` on CUDA. If that one is missing, the op falls back to
+  ``reference`` with one warning per missing backend, never an exception.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+
+import torch
+
+from erasus.errors import BackendUnavailableError, InvalidInputError
+
+ALL_BACKENDS = ("reference", "cpp", "triton", "faiss")
+
+# Fastest correct backend per device type, from bench/RESULTS.md; the op's own list decides among these.
+PREFERRED = {"cpu": ("cpp", "faiss", "reference"), "cuda": ("triton", "faiss", "reference")}
+
+_warned: set[str] = set()
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(name: str) -> tuple[bool, str]:
+    if name == "reference":
+        return True, "plain torch, always available"
+    if name == "cpp":
+        try:
+            ext = importlib.import_module("erasus._C")
+        except ImportError as exc:
+            return False, f"compiled extension erasus._C not importable ({exc}); reinstall erasus from source"
+        threads = ext.max_threads()
+        return True, f"erasus._C, OpenMP {'on' if ext.openmp else 'off'}, {threads} thread(s), CPU tensors"
+    if name == "triton":
+        try:
+            triton = importlib.import_module("triton")
+            importlib.import_module("erasus.kernels.kcenter")
+        except ImportError as exc:
+            return False, f"triton not importable ({exc}); pip install triton"
+        if interpreted():
+            return True, f"triton {triton.__version__} under TRITON_INTERPRET=1 (CPU, tests only)"
+        if not torch.cuda.is_available():
+            return False, f"triton {triton.__version__} installed but no CUDA device"
+        return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+    if name == "faiss":
+        try:
+            faiss = importlib.import_module("faiss")
+        except ImportError as exc:
+            return False, f"faiss not importable ({exc}); pip install 'erasus[faiss]'"
+        return True, f"faiss {faiss.__version__} (CPU)"
+    raise InvalidInputError(f"backend must be one of {ALL_BACKENDS}, got {name!r}")
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def backends() -> dict[str, dict[str, object]]:
+    """What each backend can do here: ``{name: {"available": bool, "reason": str}}``."""
+    return {name: {"available": ok, "reason": why} for name in ALL_BACKENDS for ok, why in [_probe(name)]}
+
+
+def _runs_on(name: str, device: torch.device) -> tuple[bool, str]:
+    ok, why = _probe(name)
+    if not ok:
+        return ok, why
+    if name in ("cpp", "faiss") and device.type != "cpu":
+        return False, f"the {name} backend takes CPU tensors, got a tensor on {device}"
+    if name == "triton" and device.type == "cpu" and not interpreted():
+        return False, "the triton backend takes CUDA tensors (CPU only under TRITON_INTERPRET=1)"
+    return True, why
+
+
+def resolve(op: str, supported: tuple[str, ...], device: torch.device, backend: str | None) -> str:
+    """Pick the backend that runs ``op`` on ``device``. ``supported`` lists the op's backends."""
+    explicit, source = backend, "backend="
+    if explicit is None:
+        env = os.environ.get("ERASUS_BACKEND") or None
+        if env is not None and env not in ALL_BACKENDS:
+            raise InvalidInputError(f"ERASUS_BACKEND must be one of {ALL_BACKENDS}, got {env!r}")
+        if env in supported:
+            explicit, source = env, "ERASUS_BACKEND="
+    if explicit is not None:
+        if explicit not in supported:
+            raise InvalidInputError(f"{op}: backend must be one of {supported}, got {explicit!r}")
+        ok, why = _runs_on(explicit, device)
+        if not ok:
+            raise BackendUnavailableError(f"{op}: {source}{explicit!r} cannot run here: {why}")
+        return explicit
+    for name in PREFERRED.get(device.type, ("reference",)):
+        if name not in supported:
+            continue
+        ok, why = _runs_on(name, device)
+        if ok:
+            return name
+        if _probe(name)[0] is False and name not in _warned:
+            _warned.add(name)
+            warnings.warn(f"erasus: the {name} backend is unavailable ({why}); using the reference backend",
+                          RuntimeWarning, stacklevel=3)
+    return "reference"

@@ -1,0 +1,60 @@
+"""Input checks shared by the ops. Every message names the argument it is about."""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from erasus.errors import DTypeError, EmptyInputError, InvalidInputError, NonFiniteError, ShapeError
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_matrix(x, name: str = "x") -> torch.Tensor:
+    """A 2-D, non-empty, finite float32/float16/bfloat16 tensor; returned detached and contiguous."""
+    if not isinstance(x, torch.Tensor):
+        raise InvalidInputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ShapeError(f"{name} must be 2-D (n_samples, n_features), got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise DTypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.shape[0] == 0:
+        raise EmptyInputError(f"{name} has no rows (shape {tuple(x.shape)})")
+    if x.shape[1] == 0:
+        raise EmptyInputError(f"{name} has no features (shape {tuple(x.shape)})")
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(f"{name} holds NaN or infinite values")
+    return x.detach().contiguous()
+
+
+def check_k(k, n: int, name: str = "k") -> int:
+    """An integer with 1 <= k <= n."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise InvalidInputError(f"{name} must be an integer, got {k!r}")
+    k = int(k)
+    if not 1 <= k <= n:
+        raise InvalidInputError(f"{name} must satisfy 1 <= {name} <= n = {n}, got {k}")
+    return k
+
+
+def check_indices(idx, n: int, name: str) -> torch.Tensor:
+    """An int or a 1-D collection of distinct integers in [0, n); returned as an int64 CPU tensor."""
+    if isinstance(idx, bool):
+        raise InvalidInputError(f"{name} must be an index or a sequence of indices, got {idx!r}")
+    if isinstance(idx, numbers.Integral):
+        idx = [int(idx)]
+    t = idx if isinstance(idx, torch.Tensor) else torch.as_tensor(idx)
+    if t.dim() == 0:
+        t = t.reshape(1)
+    if t.dim() != 1:
+        raise ShapeError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise EmptyInputError(f"{name} is empty; pass None for the default")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise DTypeError(f"{name} must hold integers, got {t.dtype}")
+    t = t.to(device="cpu", dtype=torch.int64)
+    if int(t.min()) < 0 or int(t.max()) >= n:
+        raise InvalidInputError(f"{name} holds indices outside [0, {n})")
+    if t.unique().numel() != t.numel():
+        raise InvalidInputError(f"{name} holds repeated indices")
+    return t.contiguous()

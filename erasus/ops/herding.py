@@ -1,0 +1,67 @@
+"""Herding (kernel herding / iCaRL exemplar rule) coreset selection."""
+from __future__ import annotations
+
+import torch
+
+from erasus.ops import _backend, _cpp
+from erasus.ops._validate import check_k, check_matrix
+
+BACKENDS = ("reference", "cpp", "triton")
+
+
+def herding(x: torch.Tensor, k: int, *, backend: str | None = None) -> torch.Tensor:
+    """Pick ``k`` rows of ``x`` whose running mean tracks the mean of all rows (Welling 2009).
+
+    Step i chooses the unchosen row x_j minimising ``||(i+1) * mean(x) - S_i - x_j||``, where ``S_i`` is the
+    sum of the rows chosen so far. ``S_i`` is updated incrementally (never re-summed), so each step is one
+    pass over ``x``. (DeepCore's ``Herding`` takes the argmax of this distance; this is the classic argmin.)
+
+    Args:
+        x: (n, d) float32, float16 or bfloat16 features, CPU or CUDA; accumulation is float32.
+        k: number of rows, 1 <= k <= n; ``k == n`` returns every row.
+        backend: ``"reference"``, ``"cpp"`` or ``"triton"``; default: the fastest one for ``x.device``.
+
+    Returns:
+        int64 (k,) row indices in selection order, on ``x.device``. Ties go to the lowest row index.
+
+    Example:
+        >>> import torch, erasus.ops
+        >>> x = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
+        >>> erasus.ops.herding(x, 2).tolist()
+        [2, 1]
+    """
+    x = check_matrix(x, "x")
+    n = x.shape[0]
+    k = check_k(k, n)
+    name = _backend.resolve("herding", BACKENDS, x.device, backend)
+    if name == "cpp":
+        out = torch.empty(k, dtype=torch.int64)
+        selected = torch.empty(n, dtype=torch.uint8)
+        _cpp.call("herding", _cpp.as_numpy(x), _cpp.elem_name(x.dtype), out.numpy(), selected.numpy())
+        return out.to(x.device)
+    if name == "triton":
+        from erasus.kernels import herding as kernel
+
+        return kernel.herding(x, k)
+    return herding_reference(x, k)
+
+
+def herding_reference(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Plain-torch oracle: ``argmin_j ||x_j||^2 - 2 x_j . t`` over unchosen rows, with t = (i+1) mean - S_i."""
+    xf = x.float()
+    n, d = xf.shape
+    sq_norms = (xf * xf).sum(dim=1)
+    mean = xf.mean(dim=0)
+    chosen_sum = torch.zeros(d, dtype=torch.float64, device=xf.device)
+    chosen = torch.zeros(n, dtype=torch.bool, device=xf.device)
+    out = torch.empty(k, dtype=torch.int64, device=xf.device)
+    score = torch.empty(n, device=xf.device)
+    for i in range(k):
+        target = (mean.double() * (i + 1) - chosen_sum).float()
+        torch.addmv(sq_norms, xf, target, alpha=-2.0, out=score)
+        score[chosen] = float("inf")
+        j = torch.argmin(score)
+        out[i] = j
+        chosen[j] = True
+        chosen_sum += xf[j].double()
+    return out

@@ -1,0 +1,104 @@
+"""Greedy k-center (farthest-first traversal) coreset selection."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from erasus.errors import InvalidInputError
+from erasus.ops import _backend, _cpp
+from erasus.ops._validate import check_indices, check_k, check_matrix
+
+BACKENDS = ("reference", "cpp", "triton")
+METRICS = ("l2", "cosine")
+
+
+class KCenterResult(NamedTuple):
+    indices: torch.Tensor
+    """int64 (k,), in selection order, on the input's device; the init centres come first."""
+    radius: torch.Tensor
+    """0-d float32: the largest distance from any row to its nearest selected row (Euclidean for
+    ``metric="l2"``, ``1 - cos`` for ``metric="cosine"``); 0 when every row is selected."""
+
+
+def kcenter_greedy(x: torch.Tensor, k: int, *, metric: str = "l2", init=None, backend: str | None = None
+                   ) -> KCenterResult:
+    """Pick ``k`` rows of ``x`` that cover it: each new centre is the row farthest from those chosen so far.
+
+    O(n) extra memory: a running minimum distance per row, updated in one fused pass over ``x`` per centre
+    (distance to the newest centre, min-update, argmax); never an n x n or k x n matrix.
+
+    Args:
+        x: (n, d) float32, float16 or bfloat16 features, CPU or CUDA. Half types are read as they are and
+            accumulated in float32.
+        k: number of rows to select, 1 <= k <= n. ``k == n`` returns every row.
+        metric: ``"l2"`` (Euclidean) or ``"cosine"`` (1 - cosine similarity; rows must be non-zero).
+        init: the first centre(s): an index or a sequence of distinct indices, which open the selection in
+            the given order. ``None`` starts from the row nearest the mean of ``x``, which does not depend on
+            the order of the rows.
+        backend: ``"reference"``, ``"cpp"`` or ``"triton"``; default: the fastest one for ``x.device``
+            (see :func:`erasus.ops.backends`).
+
+    Ties go to the lowest row index, so backends agree exactly unless two distances differ only by rounding.
+
+    Example:
+        >>> import torch, erasus.ops
+        >>> x = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.0, 5.1]])
+        >>> erasus.ops.kcenter_greedy(x, 2, init=0).indices.tolist()
+        [0, 3]
+    """
+    x = check_matrix(x, "x")
+    n = x.shape[0]
+    k = check_k(k, n)
+    if metric not in METRICS:
+        raise InvalidInputError(f"metric must be one of {METRICS}, got {metric!r}")
+    if metric == "cosine":
+        norms = torch.linalg.vector_norm(x.float(), dim=1, keepdim=True)
+        if bool((norms == 0).any()):
+            raise InvalidInputError("x has an all-zero row, which has no cosine distance; use metric='l2'")
+        x = (x.float() / norms).to(x.dtype)
+    init_idx = _default_init(x) if init is None else check_indices(init, n, "init")
+    if init_idx.numel() > k:
+        raise InvalidInputError(f"init holds {init_idx.numel()} indices but k = {k}")
+
+    name = _backend.resolve("kcenter_greedy", BACKENDS, x.device, backend)
+    if name == "cpp":
+        indices = torch.empty(k, dtype=torch.int64)
+        min_dist = torch.empty(n, dtype=torch.float32)
+        r2 = _cpp.call("kcenter_greedy", _cpp.as_numpy(x), _cpp.elem_name(x.dtype), init_idx.numpy(),
+                       indices.numpy(), min_dist.numpy())
+        radius2 = torch.tensor(r2, dtype=torch.float32)
+    elif name == "triton":
+        from erasus.kernels import kcenter as kernel
+
+        indices, radius2, _ = kernel.kcenter_greedy(x, init_idx.to(x.device), k)
+    else:
+        indices, radius2 = kcenter_greedy_reference(x, k, init_idx)
+    radius = radius2.sqrt() if metric == "l2" else radius2 / 2  # on unit rows, ||u - v||^2 / 2 = 1 - cos
+    return KCenterResult(indices.to(x.device), radius.to(x.device))
+
+
+def _default_init(x: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    return torch.argmin(((xf - xf.mean(dim=0)) ** 2).sum(dim=1)).reshape(1).cpu()
+
+
+def kcenter_greedy_reference(x: torch.Tensor, k: int, init: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch oracle: running-min loop with one GEMV per centre. Returns (indices, squared radius)."""
+    xf = x.float()
+    n = xf.shape[0]
+    sq_norms = (xf * xf).sum(dim=1)
+    min_dist = torch.full((n,), float("inf"), device=xf.device)
+    indices = torch.empty(k, dtype=torch.int64, device=xf.device)
+    indices[: init.numel()] = init.to(xf.device)
+    dist = torch.empty(n, device=xf.device)
+    for step in range(k):
+        c = indices[step]
+        # ||x_j - c||^2 = ||x_j||^2 + ||c||^2 - 2 x_j.c, clamped against rounding below zero
+        torch.addmv(sq_norms + sq_norms[c], xf, xf[c], alpha=-2.0, out=dist)
+        dist.clamp_(min=0.0)
+        torch.minimum(min_dist, dist, out=min_dist)  # keeps the -1 that marks chosen centres
+        min_dist[c] = -1.0
+        if init.numel() <= step + 1 < k:
+            indices[step + 1] = torch.argmax(min_dist)
+    return indices, min_dist.max().clamp(min=0.0)

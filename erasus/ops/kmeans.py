@@ -1,0 +1,112 @@
+"""k-means coresets: cluster, then keep the real row nearest each centroid."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from erasus.errors import InvalidInputError
+from erasus.ops import _backend
+from erasus.ops._validate import check_k, check_matrix
+
+BACKENDS = ("reference", "faiss")
+
+# A search function: (queries (m, d) float32 CPU/device tensor, nn) -> (squared distances, indices), each (m, nn)
+Search = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+def kmeans_coreset(x: torch.Tensor, k: int, *, niter: int = 20, seed: int = 0, backend: str | None = None
+                   ) -> torch.Tensor:
+    """Cluster ``x`` into ``k`` groups with Lloyd's k-means and return, for each centroid, the nearest row.
+
+    Both backends start from the same ``k`` distinct rows drawn with ``seed`` and run ``niter`` Lloyd
+    iterations. ``faiss`` clusters with ``faiss.Kmeans`` (which sub-samples to 256 rows per centroid when
+    n is larger) and searches with ``faiss.IndexFlatL2``; ``reference`` is plain torch and runs on any device.
+    Each centroid gets a distinct row: centroids are served nearest-first, and a centroid whose nearest rows
+    are taken gets the nearest free one.
+
+    Args:
+        x: (n, d) float32, float16 or bfloat16 features (FAISS computes in float32).
+        k: number of rows, 1 <= k <= n.
+        niter: Lloyd iterations (>= 1).
+        seed: seeds the initial centroids, so equal seeds give equal coresets.
+        backend: ``"faiss"`` (default on CPU when installed) or ``"reference"``.
+
+    Returns:
+        int64 (k,) distinct row indices on ``x.device``, ordered by centroid.
+
+    Example:
+        >>> import torch, erasus.ops
+        >>> x = torch.cat([torch.zeros(5, 2), torch.full((5, 2), 9.0)]) + torch.arange(10.0)[:, None] / 100
+        >>> sorted(i // 5 for i in erasus.ops.kmeans_coreset(x, 2, backend="reference").tolist())
+        [0, 1]
+    """
+    x = check_matrix(x, "x")
+    n, d = x.shape
+    k = check_k(k, n)
+    if isinstance(niter, bool) or not isinstance(niter, int) or niter < 1:
+        raise InvalidInputError(f"niter must be a positive integer, got {niter!r}")
+    name = _backend.resolve("kmeans_coreset", BACKENDS, x.device, backend)
+    generator = torch.Generator().manual_seed(int(seed))
+    init = torch.randperm(n, generator=generator)[:k]
+    xf = x.float()
+    if name == "faiss":
+        import faiss
+
+        data = xf.cpu().numpy()
+        km = faiss.Kmeans(d, k, niter=niter, seed=int(seed), verbose=False)
+        km.train(data, init_centroids=data[init.numpy()])
+        index = faiss.IndexFlatL2(d)
+        index.add(data)
+
+        def search(queries, nn):
+            dist, idx = index.search(queries.cpu().numpy(), nn)
+            return torch.from_numpy(dist), torch.from_numpy(idx)
+
+        centroids = torch.from_numpy(km.centroids)
+    else:
+        centroids = lloyd_reference(xf, xf[init.to(xf.device)], niter)
+
+        def search(queries, nn):
+            dist = torch.cdist(queries, xf).pow_(2)
+            values, idx = torch.topk(dist, nn, dim=1, largest=False)
+            return values, idx
+
+    return nearest_distinct_rows(centroids, n, search).to(x.device)
+
+
+def lloyd_reference(x: torch.Tensor, centroids: torch.Tensor, niter: int) -> torch.Tensor:
+    """Plain-torch Lloyd iterations; an empty cluster keeps its previous centroid."""
+    k = centroids.shape[0]
+    centroids = centroids.clone()
+    for _ in range(niter):
+        assign = torch.cdist(x, centroids).argmin(dim=1)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k).to(x.dtype)
+        nonempty = counts > 0
+        centroids[nonempty] = sums[nonempty] / counts[nonempty, None]
+    return centroids
+
+
+def nearest_distinct_rows(centroids: torch.Tensor, n: int, search: Search, candidates: int = 16) -> torch.Tensor:
+    """For each centroid the nearest row not already given to another centroid (nearest pairs served first)."""
+    k = centroids.shape[0]
+    nn = min(n, candidates)
+    dist, idx = search(centroids, nn)
+    dist, idx = dist.cpu(), idx.cpu()
+    taken = torch.zeros(n, dtype=torch.bool)
+    out = torch.full((k,), -1, dtype=torch.int64)
+    for c in torch.argsort(dist[:, 0], stable=True).tolist():
+        for j in idx[c].tolist():
+            if j >= 0 and not taken[j]:
+                out[c] = j
+                taken[j] = True
+                break
+    for c in (out < 0).nonzero().flatten().tolist():  # all its candidates were taken: widen to every row
+        dist_all, idx_all = search(centroids[c : c + 1], n)
+        for j in idx_all[0].tolist():
+            if j >= 0 and not taken[j]:
+                out[c] = j
+                taken[j] = True
+                break
+    return out
