@@ -44,11 +44,7 @@ def _probe(name: str) -> tuple[bool, str]:
             importlib.import_module("erasus.kernels.kcenter")
         except ImportError as exc:
             return False, f"triton not importable ({exc}); pip install triton"
-        if interpreted():
-            return True, f"triton {triton.__version__} under TRITON_INTERPRET=1 (CPU, tests only)"
-        if not torch.cuda.is_available():
-            return False, f"triton {triton.__version__} installed but no CUDA device"
-        return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+        return True, f"triton {triton.__version__}"
     if name == "faiss":
         try:
             faiss = importlib.import_module("faiss")
@@ -63,8 +59,23 @@ def interpreted() -> bool:
 
 
 def backends() -> dict[str, dict[str, object]]:
-    """What each backend can do here: ``{name: {"available": bool, "reason": str}}``."""
-    return {name: {"available": ok, "reason": why} for name in ALL_BACKENDS for ok, why in [_probe(name)]}
+    """What each backend can do here: ``{name: {"available": bool, "reason": str}}``.
+
+    ``available`` means the backend can run on this machine's default device for it: CPU for ``cpp`` and
+    ``faiss``, CUDA for ``triton`` (or CPU under ``TRITON_INTERPRET=1``).
+    """
+    report = {}
+    for name in ALL_BACKENDS:
+        ok, why = _probe(name)
+        if ok and name == "triton":
+            if torch.cuda.is_available():
+                why = f"{why} on {torch.cuda.get_device_name()}"
+            elif interpreted():
+                why = f"{why} under TRITON_INTERPRET=1 (CPU, slow: for tests)"
+            else:
+                ok, why = False, f"{why} installed, but no CUDA device (CPU runs need TRITON_INTERPRET=1)"
+        report[name] = {"available": ok, "reason": why}
+    return report
 
 
 def _runs_on(name: str, device: torch.device) -> tuple[bool, str]:

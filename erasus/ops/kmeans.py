@@ -15,12 +15,16 @@ BACKENDS = ("reference", "faiss")
 Search = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor]"]
 
 
-def kmeans_coreset(x: torch.Tensor, k: int, *, niter: int = 20, seed: int = 0, backend: str | None = None
-                   ) -> torch.Tensor:
+INITS = ("k-means++", "random")
+
+
+def kmeans_coreset(x: torch.Tensor, k: int, *, niter: int = 20, seed: int = 0, init: str = "k-means++",
+                   backend: str | None = None) -> torch.Tensor:
     """Cluster ``x`` into ``k`` groups with Lloyd's k-means and return, for each centroid, the nearest row.
 
-    Both backends start from the same ``k`` distinct rows drawn with ``seed`` and run ``niter`` Lloyd
-    iterations. ``faiss`` clusters with ``faiss.Kmeans`` (which sub-samples to 256 rows per centroid when
+    Both backends start from the same ``k`` distinct rows, drawn with ``seed`` by k-means++ seeding (Arthur &
+    Vassilvitskii 2007; k passes over ``x``) or uniformly (``init="random"``, FAISS' own default), and run
+    ``niter`` Lloyd iterations. ``faiss`` clusters with ``faiss.Kmeans`` (which sub-samples to 256 rows per centroid when
     n is larger) and searches with ``faiss.IndexFlatL2``; ``reference`` is plain torch and runs on any device.
     Each centroid gets a distinct row: centroids are served nearest-first, and a centroid whose nearest rows
     are taken gets the nearest free one.
@@ -30,6 +34,7 @@ def kmeans_coreset(x: torch.Tensor, k: int, *, niter: int = 20, seed: int = 0, b
         k: number of rows, 1 <= k <= n.
         niter: Lloyd iterations (>= 1).
         seed: seeds the initial centroids, so equal seeds give equal coresets.
+        init: ``"k-means++"`` (robust; costs k passes over ``x``) or ``"random"`` (free; may merge clusters).
         backend: ``"faiss"`` (default on CPU when installed) or ``"reference"``.
 
     Returns:
@@ -46,15 +51,20 @@ def kmeans_coreset(x: torch.Tensor, k: int, *, niter: int = 20, seed: int = 0, b
     k = check_k(k, n)
     if isinstance(niter, bool) or not isinstance(niter, int) or niter < 1:
         raise InvalidInputError(f"niter must be a positive integer, got {niter!r}")
+    if init not in INITS:
+        raise InvalidInputError(f"init must be one of {INITS}, got {init!r}")
     name = _backend.resolve("kmeans_coreset", BACKENDS, x.device, backend)
-    generator = torch.Generator().manual_seed(int(seed))
-    init = torch.randperm(n, generator=generator)[:k]
     xf = x.float()
+    generator = torch.Generator().manual_seed(int(seed))
+    if init == "random":
+        init = torch.randperm(n, generator=generator)[:k]
+    else:
+        init = kmeans_plus_plus(xf, k, generator)
     if name == "faiss":
         import faiss
 
         data = xf.cpu().numpy()
-        km = faiss.Kmeans(d, k, niter=niter, seed=int(seed), verbose=False)
+        km = faiss.Kmeans(d, k, niter=niter, seed=int(seed), verbose=False, min_points_per_centroid=1)
         km.train(data, init_centroids=data[init.numpy()])
         index = faiss.IndexFlatL2(d)
         index.add(data)
@@ -73,6 +83,27 @@ def kmeans_coreset(x: torch.Tensor, k: int, *, niter: int = 20, seed: int = 0, b
             return values, idx
 
     return nearest_distinct_rows(centroids, n, search).to(x.device)
+
+
+def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding: each next row is drawn with probability proportional to its squared distance to
+    the nearest row drawn so far (O(n) state, one pass per draw). Returns k distinct row indices (CPU)."""
+    n = x.shape[0]
+    chosen = torch.empty(k, dtype=torch.int64)
+    chosen[0] = torch.randint(n, (1,), generator=generator)
+    sq_norms = (x * x).sum(dim=1)
+    min_dist = torch.full((n,), float("inf"), device=x.device)
+    for i in range(1, k):
+        c = chosen[i - 1]
+        dist = torch.addmv(sq_norms + sq_norms[c], x, x[c], alpha=-2.0).clamp_(min=0.0)
+        torch.minimum(min_dist, dist, out=min_dist)
+        min_dist[chosen[:i].to(x.device)] = 0.0
+        weights = min_dist.double().cpu()
+        if float(weights.sum()) <= 0.0:  # every remaining row duplicates a chosen one: draw uniformly
+            weights = torch.ones(n, dtype=torch.float64)
+            weights[chosen[:i]] = 0.0
+        chosen[i] = torch.multinomial(weights, 1, generator=generator)
+    return chosen
 
 
 def lloyd_reference(x: torch.Tensor, centroids: torch.Tensor, niter: int) -> torch.Tensor:

@@ -1,0 +1,67 @@
+"""What reaches the compiled extension: zero-copy views, and a clear error for anything else."""
+import numpy as np
+import pytest
+import torch
+
+from erasus import errors
+from erasus.ops import _cpp
+
+
+def args(n=6, d=4, k=2, dtype=np.float32):
+    x = np.random.default_rng(0).standard_normal((n, d)).astype(dtype)
+    return x, np.array([0], np.int64), np.empty(k, np.int64), np.empty(n, np.float32)
+
+
+def test_float32_runs_in_place_on_torch_memory():
+    x = torch.randn(6, 4)
+    out = torch.empty(2, dtype=torch.int64)
+    min_dist = torch.empty(6)
+    _cpp.call("kcenter_greedy", _cpp.as_numpy(x), "float32", np.array([0]), out.numpy(), min_dist.numpy())
+    assert int(out[0]) == 0 and float(min_dist[0]) == -1.0  # written through the views
+    assert _cpp.as_numpy(x).ctypes.data == x.data_ptr()
+
+
+def test_bfloat16_crosses_as_an_int16_view_without_copying():
+    x = torch.randn(6, 4).bfloat16()
+    view = _cpp.as_numpy(x)
+    assert view.dtype == np.int16 and view.ctypes.data == x.data_ptr()
+
+
+def test_non_contiguous_array_is_refused():
+    x, init, out, md = args()
+    with pytest.raises(errors.LayoutError, match="x must be C-contiguous"):
+        _cpp.call("kcenter_greedy", np.asfortranarray(x), "float32", init, out, md)
+    with pytest.raises(errors.LayoutError, match="x must be C-contiguous"):
+        _cpp.call("herding", x[:, ::2], "float32", out, np.empty(6, np.uint8))
+
+
+def test_wrong_dtype_is_refused_not_converted():
+    x, init, out, md = args(dtype=np.float64)
+    with pytest.raises(errors.DTypeError, match="does not hold the declared element type"):
+        _cpp.call("kcenter_greedy", x, "float32", init, out, md)
+    x, init, out, md = args()
+    with pytest.raises(errors.DTypeError, match="does not hold the declared element type"):
+        _cpp.call("kcenter_greedy", x, "bfloat16", init, out, md)
+    with pytest.raises(errors.DTypeError, match="init has numpy dtype"):
+        _cpp.call("kcenter_greedy", x, "float32", init.astype(np.int32), out, md)
+    with pytest.raises(errors.DTypeError, match="element type must be"):
+        _cpp.call("kcenter_greedy", x, "float64", init, out, md)
+    with pytest.raises(errors.DTypeError):
+        _cpp.call("kcenter_greedy", x.tolist(), "float32", init, out, md)  # not an array: no conversion
+
+
+def test_bad_shapes_and_read_only_outputs_are_refused():
+    x, init, out, md = args()
+    with pytest.raises(errors.ShapeError, match="x must be 2-D"):
+        _cpp.call("kcenter_greedy", x[0], "float32", init, out, md)
+    with pytest.raises(errors.ShapeError, match="min_dist must be 1-D of length 6"):
+        _cpp.call("kcenter_greedy", x, "float32", init, out, md[:3])
+    with pytest.raises(errors.ShapeError, match="init holds an index outside"):
+        _cpp.call("kcenter_greedy", x, "float32", np.array([6]), out, md)
+    with pytest.raises(errors.ShapeError, match="out must be 1-D"):
+        _cpp.call("kcenter_greedy", x, "float32", init, np.empty(7, np.int64), md)
+    out.flags.writeable = False
+    with pytest.raises(errors.LayoutError, match="out must be writeable"):
+        _cpp.call("kcenter_greedy", x, "float32", init, out, md)
+    with pytest.raises(errors.ShapeError, match="x must have at least one row"):
+        _cpp.call("herding", np.empty((0, 3), np.float32), "float32", np.empty(1, np.int64), np.empty(0, np.uint8))

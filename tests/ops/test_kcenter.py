@@ -1,0 +1,158 @@
+import numpy as np
+import pytest
+import torch
+
+import erasus.ops
+from erasus import errors
+from erasus.ops.kcenter import BACKENDS, kcenter_greedy_reference
+from oracles import backends_for, kcenter_bruteforce
+
+# (n, d): odd sizes, n = 1, a single feature, more features than rows.
+SHAPES = [(1, 1), (1, 7), (2, 3), (7, 5), (33, 17), (64, 129), (300, 33)]
+TRITON_SHAPES = [(1, 1), (2, 3), (7, 5), (33, 17)]  # the interpreter runs program instances one by one
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def ks(n):
+    return sorted({1, n // 2 + 1, n})
+
+
+def case(n, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed * 1000 + n * 31 + d)
+    return torch.randn(n, d, generator=g).to(dtype)
+
+
+def shapes_for(backend):
+    return TRITON_SHAPES if backend == "triton" and erasus.ops._backend.interpreted() else SHAPES
+
+
+def dtypes_for(backend):
+    # The Triton interpreter has no bfloat16 (it computes on raw bits); real GPUs do.
+    return DTYPES[:2] if backend == "triton" and erasus.ops._backend.interpreted() else DTYPES
+
+
+@pytest.mark.parametrize("backend", backends_for(BACKENDS))
+def test_every_backend_matches_the_reference(backend):
+    for n, d in shapes_for(backend):
+        for dtype in dtypes_for(backend):
+            x = case(n, d, dtype)
+            for k in ks(n):
+                ref = erasus.ops.kcenter_greedy(x, k, backend="reference")
+                got = erasus.ops.kcenter_greedy(x, k, backend=backend)
+                assert got.indices.dtype == torch.int64 and got.indices.shape == (k,)
+                assert got.indices.tolist() == ref.indices.tolist(), (backend, n, d, dtype, k)
+                torch.testing.assert_close(got.radius, ref.radius, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backends_for(BACKENDS))
+def test_radius_and_indices_equal_the_bruteforce_oracle(backend):
+    for n, d in shapes_for(backend):
+        for dtype in dtypes_for(backend):
+            x = case(n, d, dtype, seed=1)
+            for k in ks(n):
+                init = [n - 1]
+                got = erasus.ops.kcenter_greedy(x, k, init=init, backend=backend)
+                want, radius = kcenter_bruteforce(x, k, init)
+                assert got.indices.tolist() == want, (backend, n, d, dtype, k)
+                assert float(got.radius) == pytest.approx(radius, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("backend", backends_for(BACKENDS))
+def test_multiple_init_centres_open_the_selection(backend):
+    x = case(33, 17, torch.float32, seed=2)
+    got = erasus.ops.kcenter_greedy(x, 6, init=[5, 0, 20], backend=backend)
+    want, radius = kcenter_bruteforce(x, 6, [5, 0, 20])
+    assert got.indices.tolist() == want
+    assert got.indices[:3].tolist() == [5, 0, 20]
+    assert float(got.radius) == pytest.approx(radius, rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", backends_for(BACKENDS))
+def test_duplicate_rows_and_k_equal_n_return_every_index(backend):
+    x = torch.tensor([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0], [3.0, 0.0], [3.0, 0.0]])
+    got = erasus.ops.kcenter_greedy(x, 5, init=0, backend=backend)
+    assert sorted(got.indices.tolist()) == [0, 1, 2, 3, 4]
+    assert got.indices.tolist() == [0, 3, 1, 2, 4]  # after the far point, duplicates by lowest index
+    assert float(got.radius) == 0.0
+    two = erasus.ops.kcenter_greedy(x, 2, init=0, backend=backend)
+    assert two.indices.tolist() == [0, 3] and float(two.radius) == 0.0
+
+
+@pytest.mark.parametrize("backend", backends_for(BACKENDS))
+def test_cosine_metric_matches_the_oracle_on_normalised_rows(backend):
+    x = case(33, 17, torch.float32, seed=3) + 0.5
+    got = erasus.ops.kcenter_greedy(x, 5, metric="cosine", init=0, backend=backend)
+    unit = x / x.norm(dim=1, keepdim=True)
+    want, radius_l2 = kcenter_bruteforce(unit, 5, [0])
+    assert got.indices.tolist() == want
+    assert float(got.radius) == pytest.approx(radius_l2**2 / 2, rel=1e-4)  # 1 - cos = ||u - v||^2 / 2
+    scaled = erasus.ops.kcenter_greedy(x * torch.rand(33, 1) * 10, 5, metric="cosine", init=0, backend=backend)
+    assert scaled.indices.tolist() == want  # cosine ignores row norms
+
+
+def test_default_init_is_the_row_nearest_the_mean_and_order_free():
+    x = case(50, 8, torch.float32, seed=4)
+    first = int(torch.argmin(((x - x.mean(0)) ** 2).sum(1)))
+    got = erasus.ops.kcenter_greedy(x, 10)
+    assert int(got.indices[0]) == first
+    perm = torch.randperm(50, generator=torch.Generator().manual_seed(0))
+    shuffled = erasus.ops.kcenter_greedy(x[perm], 10)
+    assert perm[shuffled.indices].tolist() == got.indices.tolist()
+
+
+def test_greedy_radius_is_within_twice_the_optimum():
+    # Gonzalez' 2-approximation, checked against exhaustive search on a small set.
+    import itertools
+
+    x = case(12, 2, torch.float32, seed=5).double()
+    dist = torch.cdist(x, x)
+    best = min(float(dist[:, list(c)].min(1).values.max()) for c in itertools.combinations(range(12), 3))
+    got = erasus.ops.kcenter_greedy(x.float(), 3)
+    assert best - 1e-6 <= float(got.radius) <= 2 * best + 1e-6
+
+
+def test_outputs_stay_on_the_input_device_and_input_is_untouched():
+    x = case(20, 4, torch.float16)
+    before = x.clone()
+    got = erasus.ops.kcenter_greedy(x, 3)
+    assert got.indices.device == x.device and got.radius.dtype == torch.float32
+    assert torch.equal(x, before)
+
+
+def test_reference_accepts_non_contiguous_input():
+    x = case(40, 10, torch.float32).t().contiguous().t()  # column-major view
+    assert not x.is_contiguous()
+    got = erasus.ops.kcenter_greedy(x, 4, backend="cpp")
+    assert got.indices.tolist() == kcenter_greedy_reference(x.contiguous(), 4, got.indices[:1])[0].tolist()
+
+
+@pytest.mark.parametrize(
+    "x, k, kwargs, error, match",
+    [
+        (torch.empty(0, 4), 1, {}, errors.EmptyInputError, "x has no rows"),
+        (torch.empty(4, 0), 1, {}, errors.EmptyInputError, "x has no features"),
+        (torch.randn(5, 3), 0, {}, errors.InvalidInputError, "k must satisfy"),
+        (torch.randn(5, 3), 6, {}, errors.InvalidInputError, "k must satisfy"),
+        (torch.randn(5, 3), 2.0, {}, errors.InvalidInputError, "k must be an integer"),
+        (torch.randn(5, 3), True, {}, errors.InvalidInputError, "k must be an integer"),
+        (torch.tensor([[1.0, float("nan")], [0.0, 0.0]]), 1, {}, errors.NonFiniteError, "x holds NaN"),
+        (torch.tensor([[1.0, float("inf")], [0.0, 0.0]]), 1, {}, errors.NonFiniteError, "x holds NaN"),
+        (torch.randn(5), 1, {}, errors.ShapeError, "x must be 2-D"),
+        (torch.randn(5, 3, 2), 1, {}, errors.ShapeError, "x must be 2-D"),
+        (torch.randint(0, 5, (5, 3)), 1, {}, errors.DTypeError, "x must be float32"),
+        (torch.randn(5, 3).double(), 1, {}, errors.DTypeError, "x must be float32"),
+        (np.ones((5, 3), np.float32), 1, {}, errors.InvalidInputError, "x must be a torch.Tensor"),
+        (torch.randn(5, 3), 2, {"init": 5}, errors.InvalidInputError, "init holds indices outside"),
+        (torch.randn(5, 3), 2, {"init": [1, 1]}, errors.InvalidInputError, "init holds repeated"),
+        (torch.randn(5, 3), 2, {"init": [0, 1, 2]}, errors.InvalidInputError, "init holds 3 indices but k = 2"),
+        (torch.randn(5, 3), 2, {"init": [0.5]}, errors.DTypeError, "init must hold integers"),
+        (torch.randn(5, 3), 2, {"init": []}, errors.EmptyInputError, "init is empty"),
+        (torch.randn(5, 3), 2, {"metric": "l1"}, errors.InvalidInputError, "metric must be one of"),
+        (torch.zeros(5, 3), 2, {"metric": "cosine"}, errors.InvalidInputError, "all-zero row"),
+        (torch.randn(5, 3), 2, {"backend": "cuda"}, errors.InvalidInputError, "backend must be one of"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(x, k, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        erasus.ops.kcenter_greedy(x, k, **kwargs)
+    assert issubclass(error, errors.ErasusError)

@@ -1,0 +1,13 @@
+"""The runnable examples in the public docstrings run and print what they say."""
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["erasus.ops.kcenter", "erasus.ops.herding", "erasus.ops.kmeans", "erasus.selectors.classic"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name), raise_on_error=False)
+    assert result.attempted > 0 and result.failed == 0
