@@ -79,8 +79,10 @@ def kcenter_greedy(x: torch.Tensor, k: int, *, metric: str = "l2", init=None, ba
 
 
 def _default_init(x: torch.Tensor) -> torch.Tensor:
+    # argmin_j ||x_j - mean||^2 = argmin_j ||x_j||^2 - 2 x_j.mean: two passes, no n x d temporary
     xf = x.float()
-    return torch.argmin(((xf - xf.mean(dim=0)) ** 2).sum(dim=1)).reshape(1).cpu()
+    score = torch.linalg.vector_norm(xf, dim=1).square_() - 2 * (xf @ xf.mean(dim=0))
+    return torch.argmin(score).reshape(1).cpu()
 
 
 def kcenter_greedy_reference(x: torch.Tensor, k: int, init: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,119 @@
+"""Shared benchmark plumbing: the machine's name and bandwidth, interleaved timing, and RESULTS.md records.
+
+Protocol (../shared/reference/kernels.md, section 8): in one process, check every implementation against
+the reference first, then time all of them interleaved (ABAB...) and report medians with 20/80 quantiles.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def pin_threads() -> int:
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_name() -> str:
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else 0
+    name = f"{cpu_name()}, {os.cpu_count()} cores, {mem:.0f} GiB"
+    if torch.cuda.is_available():
+        name += f"; GPU {torch.cuda.get_device_name()}"
+    return name
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, check=False)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def read_bandwidth_gbs(device: torch.device, gib: float = 1.0, repeats: int = 7) -> float:
+    """Measured read bandwidth: best time of a sum over a pre-faulted buffer much larger than the caches."""
+    buf = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32, device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        buf.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() * 4 / best / 1e9
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def interleaved(impls: dict[str, Callable[[], object]], device: torch.device, repeats: int,
+                progress=None) -> dict[str, list[float]]:
+    """Seconds per call for each implementation, measured round-robin so drift hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in impls}
+    for _ in range(repeats):
+        for name, fn in impls.items():
+            times[name].append(timed(fn, device))
+            if progress is not None:
+                progress.update(1)
+    return times
+
+
+def quantiles(samples: list[float]) -> tuple[float, float, float]:
+    s = sorted(samples)
+    if len(s) == 1:
+        return s[0], s[0], s[0]
+    q = statistics.quantiles(s, n=10, method="inclusive")
+    return statistics.median(s), q[1], q[7]
+
+
+def versions() -> str:
+    parts = [f"torch {torch.__version__}"]
+    for mod in ("numpy", "faiss", "triton"):
+        try:
+            parts.append(f"{mod} {__import__(mod).__version__}")
+        except ImportError:
+            pass
+    return ", ".join(parts)
+
+
+def append_results(title: str, body: str, path: Path = RESULTS) -> None:
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    header = (f"\n## {title} — {stamp}\n\nMachine: {machine_name()} (host `{platform.node()}`); threads "
+              f"{torch.get_num_threads()}; {versions()}; git {git_sha()}.\n\n")
+    if not path.exists():
+        path.write_text("# Benchmark results\n\nAppended by the scripts in bench/; compare rows only within one "
+                        "machine and one run.\n")
+    with path.open("a") as f:
+        f.write(header + body.rstrip() + "\n")

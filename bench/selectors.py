@@ -1,0 +1,210 @@
+"""Throughput of the coreset ops: ours (each backend) against the reference, a DeepCore-style loop and FAISS.
+
+    python bench/selectors.py            # n = 5k and 50k, d = 512, k = 1% and 10% of n
+    python bench/selectors.py --quick    # a small grid, about a minute on 2 cores
+
+For each op and shape, in one process: every implementation is first checked against the reference on the
+same data (a wrong implementation is never timed), then all are timed interleaved. Printed: median time
+(20/80 quantiles), ms per selection step, GB/s of X streamed (k passes of n*d elements) and that as a share
+of this machine's read bandwidth measured in the same run, our speedup over each other implementation, and
+the extra memory each needs. A dated table with the machine's name is appended to bench/RESULTS.md.
+
+The DeepCore-style loops are written here the way DeepCore's k_center_greedy and Herding work: a k x n
+distance matrix, the unselected rows gathered again at every step, and (herding) the selected rows
+re-summed at every step. Unlike DeepCore's Herding, which takes the argmax, they take the argmin (classic
+herding), so they select the same rows as ours and can be checked against it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# This file's name shadows the standard library's `selectors` (which torch imports through subprocess):
+# move bench/ from the front of the import path to the back before importing anything else.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE] + [_HERE]
+
+import argparse  # noqa: E402
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import harness  # noqa: E402
+
+import erasus.ops  # noqa: E402
+from erasus.ops.kcenter import _default_init  # noqa: E402
+
+
+def euclidean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise distances by the expansion ||a||^2 + ||b||^2 - 2ab, as DeepCore's euclidean_dist does."""
+    d2 = (a * a).sum(1, keepdim=True) + (b * b).sum(1)[None, :] - 2 * a @ b.T
+    return d2.clamp_(min=1e-12).sqrt_()
+
+
+def deepcore_style_kcenter(x: torch.Tensor, k: int, first: int) -> torch.Tensor:
+    n = x.shape[0]
+    selected = torch.zeros(n, dtype=torch.bool, device=x.device)
+    selected[first] = True
+    order = [first]
+    dist = -torch.ones(k, n, device=x.device)  # one row per centre: the k x n matrix
+    dist[0, ~selected] = euclidean(x[[first]], x[~selected])[0]
+    mins = dist[0].clone()
+    for i in range(1, k):
+        p = int(torch.argmax(mins).item())
+        selected[p] = True
+        order.append(p)
+        mins[p] = -1
+        dist[i, ~selected] = euclidean(x[[p]], x[~selected])[0]  # gathers the unselected rows again
+        mins = torch.minimum(mins, dist[i])
+    return torch.tensor(order)
+
+
+def deepcore_style_herding(x: torch.Tensor, k: int) -> torch.Tensor:
+    n = x.shape[0]
+    mean = x.mean(0)
+    selected = torch.zeros(n, dtype=torch.bool, device=x.device)
+    rows = torch.arange(n, device=x.device)
+    order = []
+    for i in range(k):
+        target = (i + 1) * mean - x[selected].sum(0)  # re-sums the selected rows
+        p = int(rows[~selected][torch.argmin(euclidean(target[None], x[~selected])[0])].item())
+        selected[p] = True
+        order.append(p)
+    return torch.tensor(order)
+
+
+def implementations(op: str, x: torch.Tensor, k: int, backends: list[str]):
+    """name -> zero-argument callable returning selected indices (CPU tensor) for the first k steps."""
+    impls = {}
+    if op == "kcenter_greedy":
+        first = int(_default_init(x))
+        for b in backends:
+            impls[b] = lambda b=b: erasus.ops.kcenter_greedy(x, k, init=first, backend=b).indices.cpu()
+        impls["deepcore-style"] = lambda: deepcore_style_kcenter(x, k, first)
+    elif op == "herding":
+        for b in backends:
+            impls[b] = lambda b=b: erasus.ops.herding(x, k, backend=b).cpu()
+        impls["deepcore-style"] = lambda: deepcore_style_herding(x, k)
+    else:  # kmeans_coreset: the clustering engine compared, from the same (random) initial centroids
+        for b in backends:
+            impls[b] = lambda b=b: erasus.ops.kmeans_coreset(x, k, niter=10, init="random", backend=b).cpu()
+    return impls
+
+
+def check(op: str, impls: dict, x: torch.Tensor) -> None:
+    """Every implementation against the reference, on this data, before anything is timed."""
+    got = {name: fn() for name, fn in impls.items()}
+    ref = got["reference"]
+    for name, idx in got.items():
+        if op == "kmeans_coreset":
+            # Different k-means engines: compare the quality of the coreset (mean distance to it), not indices.
+            def cost(i):
+                return float(torch.cdist(x.float(), x[i].float()).min(1).values.mean())
+            ok = cost(idx) <= cost(ref) * 1.05
+        else:
+            ok = idx.tolist() == ref.tolist()
+        if not ok:
+            raise SystemExit(f"{op}: {name} disagrees with the reference on n={x.shape[0]}; not timing it")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small grid (n = 2000, d = 128)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per implementation")
+    parser.add_argument("--max-steps", type=int, default=500,
+                        help="time at most this many selection steps per call (ms/step is reported)")
+    parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    args = parser.parse_args()
+    threads = harness.pin_threads()
+    repeats = args.repeats or (5 if args.quick else 3)
+    sizes = [2000] if args.quick else [5000, 50000]
+    d = 128 if args.quick else 512
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    available = erasus.ops.backends()
+
+    print(f"Machine: {harness.machine_name()}; {threads} threads; {harness.versions()}")
+    bandwidth = {dev.type: harness.read_bandwidth_gbs(dev) for dev in devices}
+    for dev, bw in bandwidth.items():
+        print(f"Measured read bandwidth ({dev}): {bw:.1f} GB/s")
+
+    plan = []
+    for dev in devices:
+        backends = ["reference"] + [b for b in (("cpp",) if dev.type == "cpu" else ("triton",))
+                                    if available[b]["available"]]
+        for op in ("kcenter_greedy", "herding", "kmeans_coreset"):
+            op_backends = ["reference", "faiss"] if op == "kmeans_coreset" else backends
+            if op == "kmeans_coreset" and (dev.type != "cpu" or not available["faiss"]["available"]):
+                continue
+            for n in sizes:
+                for frac in (0.01, 0.1):
+                    plan.append((dev, op, op_backends, n, max(1, int(n * frac))))
+
+    rows = []
+    total = sum(repeats * (len(b) + (op != "kmeans_coreset")) for _, op, b, _, _ in plan)
+    with tqdm(total=total, desc="timing", unit="call", file=sys.stderr) as bar:
+        for dev, op, op_backends, n, k in plan:
+            x = torch.randn(n, d, generator=torch.Generator().manual_seed(n + k)).to(dev)
+            steps = k if op == "kmeans_coreset" else min(k, args.max_steps)
+            check(op, implementations(op, x, min(steps, 50), op_backends), x)
+            impls = implementations(op, x, steps, op_backends)
+            for fn in impls.values():  # warm-up: JIT, first-touch of buffers
+                fn()
+            times = harness.interleaved(impls, dev, repeats, bar)
+            ours = "faiss" if op == "kmeans_coreset" else op_backends[-1]
+            rows.append((dev, op, n, k, steps, impls, times, ours))
+
+    lines = report(rows, d, bandwidth)
+    print("\n".join(lines))
+    print("\nReading the table: 'vs ours' is the time of that row divided by ours (>1: ours is faster).")
+    if not args.no_record:
+        harness.append_results(f"bench/selectors.py{' --quick' if args.quick else ''}", "\n".join(lines)
+                               + NOTES)
+        print(f"\nAppended to {harness.RESULTS}")
+
+
+NOTES = """
+
+GB/s counts the bytes of X streamed: one read of n x d float32 per selection step (k-center, herding); %BW is
+that against the read bandwidth measured in this run (above 100% when X fits in the CPU caches). 'steps' is the
+number of selection steps timed per call (all of k, or the first --max-steps). Extra memory is what each
+implementation allocates beyond X: ours keeps O(n); the DeepCore-style loops keep a k x n matrix and gather the
+unselected rows (n x d) at every step. FAISS does not fit the greedy k-center / herding loop (one query
+against all rows per step, no running-min state), so it is timed where it applies: k-means coresets
+(clustering plus nearest-centre search, 10 Lloyd iterations from the same random centroids).
+"""
+
+
+def extra_bytes(name: str, op: str, n: int, d: int, k: int) -> int:
+    if op == "kmeans_coreset":
+        return 4 * (n * k if name == "reference" else n * d)  # torch cdist block vs FAISS float32 copy
+    if name == "deepcore-style":
+        return 4 * (k * n + n * d)
+    if name == "reference":
+        return 4 * 3 * n
+    return 4 * n + 8 * k
+
+
+def report(rows, d: int, bandwidth: dict) -> list[str]:
+    lines = [f"Measured read bandwidth: " + ", ".join(f"{dev} {bw:.1f} GB/s" for dev, bw in bandwidth.items()),
+             "",
+             "| device | op | n | d | k | steps | impl | median ms | p20–p80 ms | ms/step | GB/s | %BW | "
+             "ours vs impl | extra MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for dev, op, n, k, steps, impls, times, ours in rows:
+        med_ours = harness.quantiles(times[ours])[0]
+        for name in impls:
+            med, p20, p80 = harness.quantiles(times[name])
+            streamed = steps * n * d * 4
+            gbs = streamed / med / 1e9 if op != "kmeans_coreset" else float("nan")
+            pct = 100 * gbs / bandwidth[dev.type] if op != "kmeans_coreset" else float("nan")
+            mark = " **(ours)**" if name == ours else ""
+            lines.append(
+                f"| {dev.type} | {op} | {n} | {d} | {k} | {steps} | {name}{mark} | {med * 1e3:.1f} | "
+                f"{p20 * 1e3:.1f}–{p80 * 1e3:.1f} | {med * 1e3 / steps:.3f} | "
+                + ("– | – | " if op == "kmeans_coreset" else f"{gbs:.1f} | {pct:.0f}% | ")
+                + f"{med / med_ours:.2f}× | {extra_bytes(name, op, n, d, k) / 1e6:.1f} |")
+    return lines
+
+
+if __name__ == "__main__":
+    main()
