@@ -202,7 +202,7 @@ def report(rows, d: int, bandwidth: dict) -> list[str]:
                 f"| {dev.type} | {op} | {n} | {d} | {k} | {steps} | {name}{mark} | {med * 1e3:.1f} | "
                 f"{p20 * 1e3:.1f}–{p80 * 1e3:.1f} | {med * 1e3 / steps:.3f} | "
                 + ("– | – | " if op == "kmeans_coreset" else f"{gbs:.1f} | {pct:.0f}% | ")
-                + f"{med / med_ours:.2f}× | {extra_bytes(name, op, n, d, k) / 1e6:.1f} |")
+                + f"{med / med_ours:.2f}× | {extra_bytes(name, op, n, d, steps) / 1e6:.1f} |")
     return lines
 
 

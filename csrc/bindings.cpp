@@ -8,6 +8,8 @@
 
 #include "coreset.h"
 #include "element.h"
+#include "fisher.h"
+#include "grad_norms.h"
 #include "parallel.h"
 
 namespace py = pybind11;
@@ -35,10 +37,12 @@ void require_layout(const py::array& a, const char* name, bool writeable) {
   if (writeable && !a.writeable()) throw ArrayLayoutError(std::string(name) + " must be writeable");
 }
 
-// The matrix argument: 2-D, C-contiguous, with an element type that matches `elem`. bfloat16 has no numpy
-// dtype, so it arrives as an int16/uint16 view of the same memory.
-void check_matrix(const py::array& x, Elem elem) {
-  if (x.ndim() != 2) throw ArrayShapeError("x must be 2-D (n, d), got " + std::to_string(x.ndim()) + "-D");
+// A float array argument: `ndim`-D, C-contiguous, with an element type that matches `elem`. bfloat16 has no
+// numpy dtype, so it arrives as an int16/uint16 view of the same memory.
+void check_floats(const py::array& x, const char* name, int ndim, const char* dims, Elem elem) {
+  if (x.ndim() != ndim)
+    throw ArrayShapeError(std::string(name) + " must be " + std::to_string(ndim) + "-D " + dims + ", got " +
+                          std::to_string(x.ndim()) + "-D");
   const char kind = x.dtype().kind();
   const auto size = x.itemsize();
   bool ok = false;
@@ -48,10 +52,12 @@ void check_matrix(const py::array& x, Elem elem) {
     case Elem::bf16: ok = (kind == 'i' || kind == 'u') && size == 2; break;
   }
   if (!ok)
-    throw ArrayDTypeError("x has numpy dtype '" + std::string(py::str(x.dtype())) +
+    throw ArrayDTypeError(std::string(name) + " has numpy dtype '" + std::string(py::str(x.dtype())) +
                           "', which does not hold the declared element type");
-  require_layout(x, "x", false);
+  require_layout(x, name, false);
 }
+
+void check_matrix(const py::array& x, Elem elem) { check_floats(x, "x", 2, "(n, d)", elem); }
 
 template <typename T>
 void check_vector(const py::array& a, const char* name, int64_t length, bool writeable) {
@@ -63,14 +69,18 @@ void check_vector(const py::array& a, const char* name, int64_t length, bool wri
   require_layout(a, name, writeable);
 }
 
+// Calls f with a typed null pointer for the element type; f casts its arrays' data to that type.
 template <typename F>
-auto dispatch(Elem elem, const py::array& x, F&& f) {
+auto dispatch(Elem elem, F&& f) {
   switch (elem) {
-    case Elem::f16: return f(static_cast<const erasus::half_bits*>(x.data()));
-    case Elem::bf16: return f(static_cast<const erasus::bf16_bits*>(x.data()));
-    default: return f(static_cast<const float*>(x.data()));
+    case Elem::f16: return f(static_cast<const erasus::half_bits*>(nullptr));
+    case Elem::bf16: return f(static_cast<const erasus::bf16_bits*>(nullptr));
+    default: return f(static_cast<const float*>(nullptr));
   }
 }
+
+template <typename T>
+const T* data_as(const py::array& a, const T*) { return static_cast<const T*>(a.data()); }
 
 float kcenter_greedy(const py::array& x, const std::string& elem_name, const py::array& init, py::array& out,
                      py::array& min_dist) {
@@ -91,8 +101,8 @@ float kcenter_greedy(const py::array& x, const std::string& elem_name, const py:
   auto* out_ptr = static_cast<int64_t*>(out.mutable_data());
   auto* min_ptr = static_cast<float*>(min_dist.mutable_data());
   py::gil_scoped_release release;
-  return dispatch(elem, x, [&](auto* data) {
-    return erasus::kcenter_greedy(data, n, d, init_ptr, n_init, k, out_ptr, min_ptr);
+  return dispatch(elem, [&](auto* tag) {
+    return erasus::kcenter_greedy(data_as(x, tag), n, d, init_ptr, n_init, k, out_ptr, min_ptr);
   });
 }
 
@@ -108,7 +118,49 @@ void herding(const py::array& x, const std::string& elem_name, py::array& out, p
   auto* out_ptr = static_cast<int64_t*>(out.mutable_data());
   auto* sel_ptr = static_cast<uint8_t*>(selected.mutable_data());
   py::gil_scoped_release release;
-  dispatch(elem, x, [&](auto* data) { erasus::herding(data, n, d, k, out_ptr, sel_ptr); });
+  dispatch(elem, [&](auto* tag) { erasus::herding(data_as(x, tag), n, d, k, out_ptr, sel_ptr); });
+}
+
+void per_sample_grad_norms(const py::array& a, const py::array& g, const std::string& elem_name, int path,
+                           py::array& weight_out, py::array& bias_out) {
+  const Elem elem = parse_elem(elem_name);
+  check_floats(a, "a", 3, "(batch, steps, d_in)", elem);
+  check_floats(g, "g", 3, "(batch, steps, d_out)", elem);
+  const int64_t batch = a.shape(0), steps = a.shape(1), d = a.shape(2), p = g.shape(2);
+  if (g.shape(0) != batch || g.shape(1) != steps)
+    throw ArrayShapeError("a and g must agree on (batch, steps)");
+  if (path < 0 || path > 2) throw ArrayShapeError("path must be 0 (outer), 1 (ghost) or 2 (materialize)");
+  if (path == 0 && steps != 1) throw ArrayShapeError("path 0 (outer) needs steps == 1");
+  check_vector<float>(weight_out, "weight_out", batch, true);
+  check_vector<float>(bias_out, "bias_out", batch, true);
+  auto* w_ptr = static_cast<float*>(weight_out.mutable_data());
+  auto* b_ptr = static_cast<float*>(bias_out.mutable_data());
+  py::gil_scoped_release release;
+  dispatch(elem, [&](auto* tag) {
+    erasus::per_sample_grad_norms(data_as(a, tag), data_as(g, tag), batch, steps, d, p,
+                                  static_cast<erasus::NormPath>(path), w_ptr, b_ptr);
+  });
+}
+
+void squared_grad_sum(const py::array& a, const py::array& g, const std::string& elem_name, py::array& weight_out,
+                      py::array& bias_out) {
+  const Elem elem = parse_elem(elem_name);
+  check_floats(a, "a", 3, "(batch, steps, d_in)", elem);
+  check_floats(g, "g", 3, "(batch, steps, d_out)", elem);
+  const int64_t batch = a.shape(0), steps = a.shape(1), d = a.shape(2), p = g.shape(2);
+  if (g.shape(0) != batch || g.shape(1) != steps)
+    throw ArrayShapeError("a and g must agree on (batch, steps)");
+  check_floats(weight_out, "weight_out", 2, "(d_out, d_in)", Elem::f32);
+  if (weight_out.shape(0) != p || weight_out.shape(1) != d)
+    throw ArrayShapeError("weight_out must have shape (d_out, d_in)");
+  if (!weight_out.writeable()) throw ArrayLayoutError("weight_out must be writeable");
+  check_vector<float>(bias_out, "bias_out", p, true);
+  auto* w_ptr = static_cast<float*>(weight_out.mutable_data());
+  auto* b_ptr = static_cast<float*>(bias_out.mutable_data());
+  py::gil_scoped_release release;
+  dispatch(elem, [&](auto* tag) {
+    erasus::squared_grad_sum(data_as(a, tag), data_as(g, tag), batch, steps, d, p, w_ptr, b_ptr);
+  });
 }
 
 }  // namespace
@@ -123,6 +175,12 @@ PYBIND11_MODULE(_C, m) {
         "Greedy k-center in place; returns the squared covering radius.");
   m.def("herding", &herding, py::arg("x").noconvert(), py::arg("elem"), py::arg("out").noconvert(),
         py::arg("selected").noconvert(), "Herding selection written into out.");
+  m.def("per_sample_grad_norms", &per_sample_grad_norms, py::arg("a").noconvert(), py::arg("g").noconvert(),
+        py::arg("elem"), py::arg("path"), py::arg("weight_out").noconvert(), py::arg("bias_out").noconvert(),
+        "Per-sample squared weight and bias gradient norms of a linear map, written into the outputs.");
+  m.def("squared_grad_sum", &squared_grad_sum, py::arg("a").noconvert(), py::arg("g").noconvert(),
+        py::arg("elem"), py::arg("weight_out").noconvert(), py::arg("bias_out").noconvert(),
+        "Accumulate sum_i (G_i^T A_i)^2 and sum_i (sum_t g_it)^2 into the outputs.");
   m.def("max_threads", &erasus::max_threads, "OpenMP threads the kernels use.");
 #ifdef _OPENMP
   m.attr("openmp") = true;

@@ -36,4 +36,15 @@ inline void parallel_blocks(int64_t n, F&& f) {
 #endif
 }
 
+// Calls f(i, thread_id) for every i in [0, n), handing out one index at a time (uneven work per index).
+template <typename F>
+inline void parallel_for_each(int64_t n, F&& f) {
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t i = 0; i < n; ++i) f(i, omp_get_thread_num());
+#else
+  for (int64_t i = 0; i < n; ++i) f(i, 0);
+#endif
+}
+
 }  // namespace erasus

@@ -33,5 +33,9 @@ class LayoutError(InvalidInputError):
     """An array reaching a compiled kernel is not C-contiguous or not aligned."""
 
 
+class UnsupportedLayerError(ErasusError, TypeError):
+    """A model holds a trainable layer type that a per-sample computation has no function for."""
+
+
 class BackendUnavailableError(ErasusError, RuntimeError):
     """A backend was requested explicitly but cannot run here (not built, not installed, wrong device)."""

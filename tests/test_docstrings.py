@@ -4,7 +4,9 @@ import importlib
 
 import pytest
 
-MODULES = ["erasus.ops.kcenter", "erasus.ops.herding", "erasus.ops.kmeans", "erasus.selectors.classic"]
+MODULES = ["erasus.ops.kcenter", "erasus.ops.herding", "erasus.ops.kmeans", "erasus.selectors.classic",
+           "erasus.ops.grad_norms", "erasus.ops.model_grad_norms", "erasus.ops.fisher", "erasus.ops.last_layer",
+           "erasus.selectors.gradient", "erasus.losses.token"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -41,11 +41,11 @@ def _translated_errors():
         raise errors.DTypeError(f"erasus._C rejected an argument: {exc}") from exc
 
 
-def call(fn_name: str, x, elem: str, *arrays):
-    """Run erasus._C.<fn_name>(x, elem, *arrays); arrays are numpy views (see as_numpy)."""
+def call(fn_name: str, *args):
+    """Run erasus._C.<fn_name>(*args); array arguments are numpy views (see as_numpy)."""
     fn = getattr(_ext(), fn_name)
     with _translated_errors():
-        return fn(x, elem, *arrays)
+        return fn(*args)
 
 
 def elem_name(dtype: torch.dtype) -> str:

@@ -9,7 +9,7 @@ from typing import Callable, ClassVar
 import torch
 
 from erasus.errors import InvalidInputError
-from erasus.selectors.features import extract_features, sample_count
+from erasus.selectors.features import extract_features
 
 SELECTORS: dict[str, type["Selector"]] = {}
 
@@ -35,18 +35,14 @@ def resolve_k(n: int, k, ratio) -> int:
 
 
 class Selector(abc.ABC):
-    """Base class. Subclasses register themselves with ``class X(Selector, name="x")`` and implement
-    ``_select(features, n, k)``. A selector that needs no features sets ``needs_features = False`` and
-    gets ``features=None``.
+    """Base class of every selector: ``select(data, k=None, ratio=None, model=None) -> indices``.
 
-    ``data`` may be a 2-D feature tensor, or a Dataset / DataLoader (or an input tensor) together with a
-    ``model`` (features = the input of the model's last ``nn.Linear``, or of ``layer``) or an ``embed``
-    function (features = ``embed(batch_inputs)``). Feature extraction runs the model in eval mode under
-    ``torch.no_grad()`` and restores its training mode; the model's weights are not changed.
+    Subclasses register themselves with ``class X(Selector, name="x")``. Parameters go to ``__init__``; the
+    shared ones say where features come from: ``embed`` (a function of the batch inputs), ``layer`` (the
+    module whose input is the feature; default: the model's last ``nn.Linear``) and ``batch_size``.
     """
 
     name: ClassVar[str]
-    needs_features: ClassVar[bool] = True
 
     def __init_subclass__(cls, name: str | None = None, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -62,20 +58,27 @@ class Selector(abc.ABC):
         self.layer = layer
         self.batch_size = batch_size
 
-    def select(self, data, k: int | None = None, ratio: float | None = None, model=None) -> torch.Tensor:
-        """Return the selected indices into ``data`` as an int64 tensor, in selection order."""
-        if self.needs_features:
-            features = extract_features(data, model=model, embed=self.embed, layer=self.layer,
-                                        batch_size=self.batch_size)
-            n = features.shape[0]
-        else:
-            features, n = None, sample_count(data)
-        return self._select(features, n, resolve_k(n, k, ratio))
-
     @abc.abstractmethod
-    def _select(self, features: torch.Tensor | None, n: int, k: int) -> torch.Tensor:
-        """Pick k of the n samples; ``features`` is (n, d), or None when ``needs_features`` is False."""
+    def select(self, data, k: int | None = None, ratio: float | None = None, model=None) -> torch.Tensor:
+        """The selected indices into ``data``, int64, in selection order. Pass exactly one of ``k``/``ratio``."""
 
     def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if v is not None)
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if v is not None and not k.endswith("_"))
         return f"{type(self).__name__}({params})"
+
+
+class FeatureSelector(Selector):
+    """A selector on feature geometry. ``data`` may be a 2-D feature tensor, or a Dataset / DataLoader (or an
+    input tensor) together with a ``model`` (features = the input of its last ``nn.Linear``, or of ``layer``)
+    or an ``embed`` function. Extraction runs the model in eval mode under ``torch.no_grad()`` and restores
+    its training mode; the model's weights are not changed. Subclasses implement ``_select(features, k)``.
+    """
+
+    def select(self, data, k: int | None = None, ratio: float | None = None, model=None) -> torch.Tensor:
+        features = extract_features(data, model=model, embed=self.embed, layer=self.layer,
+                                    batch_size=self.batch_size)
+        return self._select(features, resolve_k(features.shape[0], k, ratio))
+
+    @abc.abstractmethod
+    def _select(self, features: torch.Tensor, k: int) -> torch.Tensor:
+        """Pick k rows of the (n, d) features."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from erasus import ops
-from erasus.selectors.base import Selector
+from erasus.selectors.base import FeatureSelector, Selector, resolve_k
+from erasus.selectors.features import sample_count
 
 
 class RandomSelector(Selector, name="random"):
@@ -17,17 +18,16 @@ class RandomSelector(Selector, name="random"):
         torch.Size([10])
     """
 
-    needs_features = False
-
     def __init__(self, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.seed = seed
 
-    def _select(self, features, n, k):
-        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[:k]
+    def select(self, data, k=None, ratio=None, model=None):
+        n = sample_count(data)
+        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[: resolve_k(n, k, ratio)]
 
 
-class KCenterSelector(Selector, name="kcenter"):
+class KCenterSelector(FeatureSelector, name="kcenter"):
     """Greedy k-center (Sener & Savarese 2018) on the features: covers the data with k balls of least radius.
 
     ``init``: ``None`` (the row nearest the mean), ``"random"`` (a row drawn with ``seed``), or explicit
@@ -44,14 +44,14 @@ class KCenterSelector(Selector, name="kcenter"):
         super().__init__(**kwargs)
         self.metric, self.init, self.seed, self.backend = metric, init, seed, backend
 
-    def _select(self, features, n, k):
+    def _select(self, features, k):
         init = self.init
         if isinstance(init, str) and init == "random":
-            init = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(self.seed)))
+            init = int(torch.randint(features.shape[0], (1,), generator=torch.Generator().manual_seed(self.seed)))
         return ops.kcenter_greedy(features, k, metric=self.metric, init=init, backend=self.backend).indices
 
 
-class HerdingSelector(Selector, name="herding"):
+class HerdingSelector(FeatureSelector, name="herding"):
     """Herding (Welling 2009): rows whose running mean tracks the feature mean. See :func:`erasus.ops.herding`.
 
     Example:
@@ -65,11 +65,11 @@ class HerdingSelector(Selector, name="herding"):
         super().__init__(**kwargs)
         self.backend = backend
 
-    def _select(self, features, n, k):
+    def _select(self, features, k):
         return ops.herding(features, k, backend=self.backend)
 
 
-class KMeansSelector(Selector, name="kmeans"):
+class KMeansSelector(FeatureSelector, name="kmeans"):
     """The row nearest each of k k-means centroids. See :func:`erasus.ops.kmeans_coreset`.
 
     Example:
@@ -84,6 +84,6 @@ class KMeansSelector(Selector, name="kmeans"):
         super().__init__(**kwargs)
         self.niter, self.seed, self.init, self.backend = niter, seed, init, backend
 
-    def _select(self, features, n, k):
+    def _select(self, features, k):
         return ops.kmeans_coreset(features, k, niter=self.niter, seed=self.seed, init=self.init,
                                   backend=self.backend)

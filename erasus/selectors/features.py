@@ -119,3 +119,49 @@ def _run_with_hook(model: nn.Module, module: nn.Module, loader: Iterable) -> lis
         handle.remove()
         model.train(was_training)
     return captured
+
+
+def labels_of(batch) -> torch.Tensor:
+    if isinstance(batch, dict):
+        for key in _LABEL_KEYS:
+            if key in batch:
+                return batch[key]
+    elif isinstance(batch, (tuple, list)) and len(batch) > 1:
+        return batch[1]
+    raise InvalidInputError("this selector needs labels: batches must be (inputs, labels, ...) or dicts with 'labels'")
+
+
+def extract_head(data, model: nn.Module, *, layer: str | None = None, batch_size: int = 256
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs ``h`` (n, d) and outputs ``z`` (n, C) of the model's last ``nn.Linear`` (or ``layer``), with the
+    labels ``y`` (n,), from one forward pass over ``data`` in eval mode. The model is not changed."""
+    if model is None:
+        raise InvalidInputError("this selector needs a model")
+    n = sample_count(data)
+    loader = _as_loader(data, batch_size)
+    module = _find_layer(model, layer)
+    feats, logits, labels = [], [], []
+    handle = module.register_forward_hook(lambda _m, args, out: (feats.append(args[0].detach()),
+                                                                  logits.append(out.detach())))
+    was_training = model.training
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                labels.append(labels_of(batch))
+                inputs = _inputs(batch)
+                if isinstance(inputs, dict):
+                    model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
+                else:
+                    model(inputs.to(device))
+    finally:
+        handle.remove()
+        model.train(was_training)
+    h, z, y = torch.cat(feats), torch.cat(logits), torch.cat(labels).to(device)
+    if h.dim() != 2 or z.dim() != 2:
+        raise ShapeError(f"the last layer must map (B, d) features to (B, C) logits, got {tuple(h.shape)} -> "
+                         f"{tuple(z.shape)}; pass layer= for a classifier head")
+    if h.shape[0] != n or y.shape != (n,):
+        raise ShapeError(f"got {h.shape[0]} feature rows and labels of shape {tuple(y.shape)} for {n} samples")
+    return h, z, y

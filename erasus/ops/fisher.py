@@ -1,0 +1,266 @@
+"""Diagonal Fisher: the layer kernel (sum of squared per-sample gradients) and the model-level modes."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, NamedTuple
+
+import torch
+from torch import nn
+
+from erasus.errors import EmptyInputError, InvalidInputError, NonFiniteError
+from erasus.ops import _backend, _capture, _cpp
+from erasus.ops.grad_norms import _check_pair
+
+BACKENDS = ("reference", "cpp", "triton")
+
+
+class SquaredGradSum(NamedTuple):
+    weight: torch.Tensor
+    """float32 (p, d): sum_i (dL_i/dW)^2 elementwise."""
+    bias: torch.Tensor
+    """float32 (p,): sum_i (dL_i/db)^2."""
+
+
+def squared_grad_sum(a: torch.Tensor, g: torch.Tensor, *, backend: str | None = None) -> SquaredGradSum:
+    """Sum over samples of the squared per-sample gradients of a linear map ``y = x W^T + b``: the diagonal
+    empirical Fisher of that layer (before dividing by the number of samples).
+
+    With T = 1 this is ``(G o G)^T (A o A)``, one GEMM of squares. With a sequence axis there is no such
+    identity (``(sum_t g_t a_t^T)^2`` has cross terms), so each sample's ``G_i^T A_i`` is formed tile by tile
+    and squared in place, never as a B x p x d buffer.
+
+    Args:
+        a: (B, T, d) or (B, d) inputs; g: (B, T, p) or (B, p) output gradients of the *summed* loss (a
+            mean-reduced loss scales every term by 1/B^2). float32, float16 or bfloat16, one dtype.
+        backend: ``"reference"``, ``"cpp"`` or ``"triton"``.
+
+    Example:
+        >>> import torch, erasus.ops
+        >>> a, g = torch.tensor([[1.0, 2.0], [3.0, 0.0]]), torch.tensor([[1.0], [2.0]])
+        >>> erasus.ops.squared_grad_sum(a, g).weight.tolist()   # 1*[1, 4] + 4*[9, 0]
+        [[37.0, 4.0]]
+    """
+    a, g = _check_pair(a, g)
+    batch, steps, d = a.shape
+    p = g.shape[2]
+    name = _backend.resolve("squared_grad_sum", BACKENDS, a.device, backend)
+    weight = torch.zeros(p, d, dtype=torch.float32, device=a.device)
+    bias = torch.zeros(p, dtype=torch.float32, device=a.device)
+    if batch == 0 or steps == 0 or d == 0 or p == 0:
+        return SquaredGradSum(weight, bias)
+    if name == "cpp":
+        _cpp.call("squared_grad_sum", _cpp.as_numpy(a), _cpp.as_numpy(g), _cpp.elem_name(a.dtype),
+                  weight.numpy(), bias.numpy())
+        return SquaredGradSum(weight, bias)
+    if name == "triton":
+        from erasus.kernels import fisher as kernel
+
+        kernel.squared_grad_sum_(a, g, weight)
+        return SquaredGradSum(weight, g.sum(dim=1, dtype=torch.float32).square().sum(dim=0))
+    return squared_grad_sum_reference(a, g)
+
+
+def squared_grad_sum_reference(a: torch.Tensor, g: torch.Tensor, chunk: int = 64) -> SquaredGradSum:
+    """Plain-torch oracle: one GEMM of squares for T = 1, else per-sample bmm in chunks of samples."""
+    af, gf = a.float(), g.float()
+    bias = gf.sum(dim=1).square().sum(dim=0)
+    if af.shape[1] == 1:
+        return SquaredGradSum(gf[:, 0].square().T @ af[:, 0].square(), bias)
+    weight = torch.zeros(gf.shape[2], af.shape[2], device=af.device)
+    for i in range(0, af.shape[0], chunk):
+        weight += torch.bmm(gf[i : i + chunk].transpose(1, 2), af[i : i + chunk]).square().sum(dim=0)
+    return SquaredGradSum(weight, bias)
+
+
+# (module, inputs, output_grad, backend) -> {parameter attribute name: float32 sum_i (grad_i)^2, param-shaped}
+FisherSampler = Callable[[nn.Module, tuple, torch.Tensor, "str | None"], "dict[str, torch.Tensor]"]
+FISHER_SAMPLERS: dict[type, FisherSampler] = {}
+MODES = ("empirical", "batch_squared", "mc")
+
+
+def register_fisher_sampler(*layer_types: type):
+    """Register ``fn(module, inputs, output_grad, backend) -> {param_name: sum of squared per-sample grads}``."""
+    def decorate(fn: FisherSampler) -> FisherSampler:
+        for t in layer_types:
+            FISHER_SAMPLERS[t] = fn
+        return fn
+    return decorate
+
+
+def fisher_diagonal(model: nn.Module, data: Iterable, *, mode: str = "empirical", loss_fn: Callable | None = None,
+                    logits_fn: Callable | None = None, reduction: str = "mean", seed: int = 0,
+                    backend: str | None = None) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher of the model's trainable parameters over the batches of ``data``.
+
+    Modes, named for what they compute:
+
+    - ``"empirical"``: ``sum_i (d loss_i / d theta)^2`` with the data's own labels, from per-sample squared
+      gradients (one batched forward and backward per batch; the layer kernels of :func:`squared_grad_sum`).
+      Needs ``loss_fn(model, batch) -> (B,)`` per-sample losses.
+    - ``"batch_squared"``: ``sum_batches (d mean_batch_loss / d theta)^2`` -- what SSD (Foster et al. 2024)
+      calls importance: squared mini-batch gradients, so it depends on the batch size. Needs ``loss_fn``.
+    - ``"mc"``: the true Fisher, estimated with one label per sample (and position) drawn from the model's own
+      predictive distribution: ``loss_i = sum_positions CE(logits, y ~ softmax(logits))``. Needs
+      ``logits_fn(model, batch) -> (B, ..., C)`` logits; ``seed`` seeds the draws.
+
+    ``reduction="mean"`` divides by the number of samples (``empirical``, ``mc``) or batches
+    (``batch_squared``); ``"sum"`` returns the plain sums. The model's parameters, ``.grad`` fields and
+    mode are left as they were (it runs in its current mode).
+
+    Returns:
+        ``{parameter name: float32 tensor shaped like the parameter}`` for every trainable parameter.
+
+    Example:
+        >>> import torch, erasus.ops
+        >>> model = torch.nn.Linear(3, 2)
+        >>> data = [(torch.randn(8, 3), torch.randint(0, 2, (8,)))]
+        >>> loss = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+        >>> sorted(erasus.ops.fisher_diagonal(model, data, loss_fn=loss))
+        ['bias', 'weight']
+    """
+    if mode not in MODES:
+        raise InvalidInputError(f"mode must be one of {MODES}, got {mode!r}")
+    if reduction not in ("mean", "sum"):
+        raise InvalidInputError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if mode == "mc":
+        if logits_fn is None:
+            raise InvalidInputError("mode='mc' needs logits_fn(model, batch) -> logits")
+        generator = torch.Generator().manual_seed(int(seed))
+        per_sample_loss = _sampled_label_loss(logits_fn, generator)
+    else:
+        if loss_fn is None:
+            raise InvalidInputError(f"mode={mode!r} needs loss_fn(model, batch) -> per-sample losses (B,)")
+        per_sample_loss = loss_fn
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise InvalidInputError("every parameter of the model is frozen (requires_grad=False): nothing to measure")
+    fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    count = 0
+    for batch in data:
+        if mode == "batch_squared":
+            count += 1
+            _accumulate_batch_squared(params, fisher, per_sample_loss(model, batch))
+        else:
+            count += _accumulate_per_sample(model, fisher, per_sample_loss, batch, backend)
+    if count == 0:
+        raise EmptyInputError("data yielded no batches")
+    if reduction == "mean":
+        for value in fisher.values():
+            value /= count
+    return fisher
+
+
+def _sampled_label_loss(logits_fn: Callable, generator: torch.Generator) -> Callable:
+    def loss(model, batch):
+        logits = logits_fn(model, batch)
+        flat = logits.reshape(-1, logits.shape[-1])
+        probs = torch.softmax(flat.detach().float(), dim=-1).cpu()
+        labels = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(flat.device)
+        ce = nn.functional.cross_entropy(flat.float(), labels, reduction="none")
+        return ce.reshape(logits.shape[0], -1).sum(dim=1)
+    return loss
+
+
+def _accumulate_batch_squared(params: dict, fisher: dict, losses: torch.Tensor) -> None:
+    if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.numel() == 0:
+        raise InvalidInputError("loss_fn must return one loss per sample, shape (B,)")
+    if not bool(torch.isfinite(losses).all()):
+        raise NonFiniteError("loss_fn returned NaN or infinite losses")
+    grads = torch.autograd.grad(losses.mean(), list(params.values()), allow_unused=True)
+    for name, grad in zip(params, grads):
+        if grad is not None:
+            if not bool(torch.isfinite(grad).all()):
+                raise NonFiniteError(f"the gradient of {name} holds NaN or infinity")
+            fisher[name] += grad.float().square()
+
+
+def _accumulate_per_sample(model, fisher: dict, loss_fn: Callable, batch, backend) -> int:
+    from erasus.ops.model_grad_norms import _register_transformers_layers
+
+    _register_transformers_layers()
+    layers = _capture.trainable_layers(model, FISHER_SAMPLERS)
+    seen: set[int] = set()
+    for name, module in layers:
+        for p in module.parameters(recurse=False):
+            if p.requires_grad and id(p) in seen:
+                raise InvalidInputError(f"layer {name} shares a parameter with another layer (tied weights); the "
+                                        "per-sample Fisher of a shared parameter is not supported: use "
+                                        "mode='batch_squared' or untie it")
+            seen.add(id(p))
+    losses, records = _capture.capture(model, layers, loss_fn, batch)
+    for record in records:
+        if record.grad is None:
+            continue
+        fn = _capture.lookup(FISHER_SAMPLERS, record.module)
+        for pname, value in fn(record.module, record.inputs, record.grad, backend).items():
+            full = f"{record.name}.{pname}" if record.name else pname
+            fisher[full] += value.reshape(fisher[full].shape).to(fisher[full].device)
+    return int(losses.shape[0])
+
+
+def _own_trainable(module: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in values.items() if getattr(module, k, None) is not None and getattr(module, k).requires_grad}
+
+
+@register_fisher_sampler(nn.Linear)
+def linear_fisher(module, inputs, grad, backend):
+    a, g = inputs[0], grad
+    a, g = a.reshape(a.shape[0], -1, a.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1])
+    if a.dtype != g.dtype:
+        a, g = a.float(), g.float()
+    res = squared_grad_sum(a, g, backend=backend)
+    return _own_trainable(module, {"weight": res.weight, "bias": res.bias})
+
+
+def transposed_linear_fisher(module, inputs, grad, backend):
+    """transformers' Conv1D: y = x W + b with W stored as (d_in, d_out)."""
+    values = linear_fisher(module, inputs, grad, backend)
+    if "weight" in values:
+        values["weight"] = values["weight"].T
+    return values
+
+
+@register_fisher_sampler(nn.Embedding)
+def embedding_fisher(module, inputs, grad, backend):
+    ids = inputs[0].reshape(grad.shape[0], -1)
+    g = grad.reshape(ids.shape[0], ids.shape[1], -1).float()
+    if module.padding_idx is not None:
+        g = g * (ids != module.padding_idx).unsqueeze(-1)
+    keys = torch.arange(ids.shape[0], device=ids.device)[:, None] * module.num_embeddings + ids
+    uniq, inverse = torch.unique(keys.reshape(-1), return_inverse=True)
+    sums = torch.zeros(uniq.numel(), g.shape[-1], device=g.device).index_add_(0, inverse, g.reshape(-1, g.shape[-1]))
+    weight = torch.zeros(module.num_embeddings, g.shape[-1], device=g.device)
+    weight.index_add_(0, uniq % module.num_embeddings, sums.square())
+    return _own_trainable(module, {"weight": weight})
+
+
+@register_fisher_sampler(nn.LayerNorm)
+def layer_norm_fisher(module, inputs, grad, backend):
+    x = inputs[0].reshape(grad.shape[0], -1, inputs[0].shape[-1]).float()
+    g = grad.reshape(x.shape).float()
+    x_hat = nn.functional.layer_norm(x, module.normalized_shape, eps=module.eps)
+    return _own_trainable(module, {"weight": (x_hat * g).sum(1).square().sum(0), "bias": g.sum(1).square().sum(0)})
+
+
+def rms_fisher(x, grad, eps):
+    x = x.reshape(grad.shape[0], -1, x.shape[-1]).float()
+    g = grad.reshape(x.shape).float()
+    x_hat = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    return (x_hat * g).sum(1).square().sum(0)
+
+
+if hasattr(nn, "RMSNorm"):
+    @register_fisher_sampler(nn.RMSNorm)
+    def rms_norm_fisher(module, inputs, grad, backend):
+        eps = module.eps if module.eps is not None else torch.finfo(inputs[0].dtype).eps
+        return _own_trainable(module, {"weight": rms_fisher(inputs[0], grad, eps)})
+
+
+@register_fisher_sampler(nn.Conv1d, nn.Conv2d)
+def conv_fisher(module, inputs, grad, backend):
+    from erasus.ops.model_grad_norms import _conv_as_linear
+
+    a, g = _conv_as_linear(module, inputs[0], grad)
+    if a.dtype != g.dtype:
+        a, g = a.float(), g.float()
+    res = squared_grad_sum(a.contiguous(), g.contiguous(), backend=backend)
+    return _own_trainable(module, {"weight": res.weight.reshape(module.weight.shape), "bias": res.bias})

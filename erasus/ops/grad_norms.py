@@ -1,0 +1,124 @@
+"""Per-sample gradient norms of a linear layer from its inputs and output gradients."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from erasus.errors import DTypeError, InvalidInputError, NonFiniteError, ShapeError
+from erasus.ops import _backend, _cpp
+from erasus.ops._validate import FLOAT_DTYPES
+
+BACKENDS = ("reference", "cpp", "triton")
+PATHS = ("auto", "outer", "ghost", "materialize")
+_PATH_CODE = {"outer": 0, "ghost": 1, "materialize": 2}
+
+
+class GradNorms(NamedTuple):
+    weight: torch.Tensor
+    """float32 (B,): ||dL_i/dW||_F^2 per sample."""
+    bias: torch.Tensor
+    """float32 (B,): ||dL_i/db||^2 per sample (the bias part; ignore it for a layer without bias)."""
+
+
+def choose_path(steps: int, d_in: int, d_out: int) -> str:
+    """The cheaper exact path by flop count: ``outer`` when T = 1, ``ghost`` (~T^2 (d + p) per sample) when
+    T (d + p) < d p, else ``materialize`` (~T d p per sample, tile by tile)."""
+    if steps == 1:
+        return "outer"
+    return "ghost" if steps * (d_in + d_out) < d_in * d_out else "materialize"
+
+
+def per_sample_grad_norms(a: torch.Tensor, g: torch.Tensor, *, path: str = "auto", backend: str | None = None
+                          ) -> GradNorms:
+    """Squared per-sample gradient norms of a linear map ``y = x W^T + b`` without forming per-sample grads.
+
+    With inputs ``A_i`` (T x d) and output gradients ``G_i`` (T x p) of sample i, ``dL_i/dW = G_i^T A_i`` and
+    ``dL_i/db = sum_t g_it``. Paths (all exact; ``auto`` picks by :func:`choose_path`):
+
+    - ``outer`` (T = 1): ``||a_i||^2 ||g_i||^2``;
+    - ``ghost``: ``<A_i A_i^T, G_i G_i^T>_F``, cost ~T^2 (d + p), no d x p buffer;
+    - ``materialize``: ``||G_i^T A_i||^2`` built one tile at a time and squared in place, cost ~T d p.
+
+    ``g`` must be the gradient of the *sum* of per-sample losses; with a mean-reduced loss every norm is
+    scaled by 1/B^2.
+
+    Args:
+        a: (B, T, d) or (B, d) layer inputs; float32, float16 or bfloat16 (accumulated in float32).
+        g: (B, T, p) or (B, p) gradients of the layer outputs, same dtype and (B, T) as ``a``.
+        path: ``"auto"``, ``"outer"``, ``"ghost"`` or ``"materialize"``.
+        backend: ``"reference"``, ``"cpp"`` or ``"triton"``; default: the fastest for the device.
+
+    Returns:
+        :class:`GradNorms` ``(weight, bias)``, float32 (B,) each, on the input's device. B = 0 gives empty
+        tensors; T = 0 gives zeros.
+
+    Example:
+        >>> import torch, erasus.ops
+        >>> a, g = torch.tensor([[[1.0, 2.0]]]), torch.tensor([[[3.0]]])
+        >>> erasus.ops.per_sample_grad_norms(a, g).weight.tolist()   # ||[3] x [1, 2]||^2 = 9 + 36
+        [45.0]
+    """
+    a, g = _check_pair(a, g)
+    batch, steps, d = a.shape
+    p = g.shape[2]
+    if path not in PATHS:
+        raise InvalidInputError(f"path must be one of {PATHS}, got {path!r}")
+    if path == "auto":
+        path = choose_path(steps, d, p)
+    if path == "outer" and steps != 1:
+        raise InvalidInputError(f"path='outer' needs one step per sample (T = 1), got T = {steps}")
+    name = _backend.resolve("per_sample_grad_norms", BACKENDS, a.device, backend)
+    if batch == 0 or steps == 0 or d == 0 or p == 0:
+        zeros = torch.zeros(batch, dtype=torch.float32, device=a.device)
+        return GradNorms(zeros, zeros.clone())
+    if name == "cpp":
+        weight = torch.empty(batch, dtype=torch.float32)
+        bias = torch.empty(batch, dtype=torch.float32)
+        _cpp.call("per_sample_grad_norms", _cpp.as_numpy(a), _cpp.as_numpy(g), _cpp.elem_name(a.dtype),
+                  _PATH_CODE[path], weight.numpy(), bias.numpy())
+        return GradNorms(weight, bias)
+    if name == "triton":
+        from erasus.kernels import grad_norms as kernel
+
+        weight = kernel.weight_norms(a, g, path)
+        return GradNorms(weight, g.sum(dim=1, dtype=torch.float32).square().sum(dim=1))
+    return per_sample_grad_norms_reference(a, g, path)
+
+
+def per_sample_grad_norms_reference(a: torch.Tensor, g: torch.Tensor, path: str) -> GradNorms:
+    """Plain-torch oracle for each path, in float32."""
+    af, gf = a.float(), g.float()
+    bias = gf.sum(dim=1).square().sum(dim=1)
+    if path == "outer":
+        weight = af.square().sum(dim=(1, 2)) * gf.square().sum(dim=(1, 2))
+    elif path == "ghost":
+        weight = (torch.bmm(af, af.transpose(1, 2)) * torch.bmm(gf, gf.transpose(1, 2))).sum(dim=(1, 2))
+    else:  # one sample at a time keeps the p x d buffer to a single sample
+        weight = torch.stack([torch.mm(gf[i].T, af[i]).square().sum() for i in range(af.shape[0])])
+    return GradNorms(weight, bias)
+
+
+def _check_pair(a, g) -> tuple[torch.Tensor, torch.Tensor]:
+    for name, t in (("a", a), ("g", g)):
+        if not isinstance(t, torch.Tensor):
+            raise InvalidInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() not in (2, 3):
+            raise ShapeError(f"{name} must be (B, T, features) or (B, features), got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise DTypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if a.dim() != g.dim():
+        raise ShapeError(f"a and g must have the same number of dimensions, got {tuple(a.shape)} and "
+                         f"{tuple(g.shape)}")
+    if a.dtype != g.dtype:
+        raise DTypeError(f"a and g must share a dtype, got {a.dtype} and {g.dtype}")
+    if a.device != g.device:
+        raise InvalidInputError(f"a and g must be on one device, got {a.device} and {g.device}")
+    if a.dim() == 2:
+        a, g = a[:, None, :], g[:, None, :]
+    if a.shape[:2] != g.shape[:2]:
+        raise ShapeError(f"a and g must agree on (B, T), got {tuple(a.shape[:2])} and {tuple(g.shape[:2])}")
+    for name, t in (("a", a), ("g", g)):
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"{name} holds NaN or infinite values")
+    return a.detach().contiguous(), g.detach().contiguous()

@@ -1,0 +1,243 @@
+"""Per-sample gradient norms of a whole model from one batched forward and backward.
+
+Each layer type has a small function (the Opacus pattern) that turns the layer's inputs and output
+gradients into per-sample squared norms of its trainable parameters; supporting a new layer type is one
+``@register_norm_sampler(MyLayer)`` function, not an edit here.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from erasus.errors import UnsupportedLayerError
+from erasus.ops import _capture
+from erasus.ops.grad_norms import per_sample_grad_norms
+
+# (module, inputs, output_grad, backend) -> float32 (B,) squared norm of the module's own trainable params
+NormSampler = Callable[[nn.Module, tuple, torch.Tensor, "str | None"], torch.Tensor]
+NORM_SAMPLERS: dict[type, NormSampler] = {}
+
+
+def register_norm_sampler(*layer_types: type):
+    """Register ``fn(module, inputs, output_grad, backend) -> (B,)`` for these layer types (and subclasses)."""
+    def decorate(fn: NormSampler) -> NormSampler:
+        for t in layer_types:
+            NORM_SAMPLERS[t] = fn
+        return fn
+    return decorate
+
+
+def grad_norms(model: nn.Module, loss_fn: Callable, batch, *, squared: bool = False,
+               backend: str | None = None) -> torch.Tensor:
+    """Per-sample norms ``||d loss_i / d theta||`` over the model's trainable parameters, for every sample of
+    ``batch``, from one batched forward and one backward, without per-sample gradients.
+
+    Args:
+        model: any ``nn.Module`` whose layers with trainable parameters are registered types: ``nn.Linear``,
+            ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``, transformers'
+            ``Conv1D`` (GPT-2) and Llama-style RMSNorm; peft LoRA adapters are ``nn.Linear`` layers, so
+            freezing the base model measures the adapters only. Parameters with ``requires_grad=False`` are
+            left out. The model runs in its current mode (call ``model.eval()`` to score without dropout);
+            its parameters, ``.grad`` fields and mode are not changed.
+        loss_fn: ``loss_fn(model, batch) -> (B,)`` per-sample losses (``reduction="none"``; for sequences,
+            sum or average each sample's token losses, skipping padding). The gradient taken is that of
+            their sum, so sample i's norm is that of ``loss_i`` alone.
+        batch: whatever ``loss_fn`` takes.
+        squared: return squared norms.
+        backend: backend of the layer kernels (:func:`erasus.ops.per_sample_grad_norms`).
+
+    Returns:
+        float32 (B,) on the model's device.
+
+    Raises:
+        UnsupportedLayerError: a trainable layer of an unregistered type (named in the message).
+        InvalidInputError / ShapeError / NonFiniteError: all parameters frozen, a BatchNorm in training mode,
+            a layer called twice per forward, losses that are not per-sample, NaN/inf losses or gradients.
+
+    Example:
+        >>> import torch, erasus.ops
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        >>> loss = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+        >>> erasus.ops.grad_norms(model, loss, (x, y)).shape
+        torch.Size([16])
+    """
+    _register_transformers_layers()
+    layers = _capture.trainable_layers(model, NORM_SAMPLERS)
+    ties = _shared_parameters(layers)
+    losses, records = _capture.capture(model, layers, loss_fn, batch)
+    total = torch.zeros(losses.shape[0], dtype=torch.float32, device=losses.device)
+    for record in records:
+        if record.grad is not None:
+            fn = _capture.lookup(NORM_SAMPLERS, record.module)
+            total += fn(record.module, record.inputs, record.grad, backend).to(total.device)
+    total += _tied_cross_terms(ties, records)
+    return total if squared else total.sqrt()
+
+
+def _shared_parameters(layers) -> list[tuple[nn.Module, nn.Module]]:
+    """Pairs of layers sharing a trainable parameter. Only an embedding tied to an output projection (the
+    tied LM head) is supported: the norm then needs the cross term 2 <grad_emb, grad_head>."""
+    owner: dict[int, tuple[str, nn.Module]] = {}
+    ties = []
+    for name, module in layers:
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if id(p) in owner:
+                other_name, other = owner[id(p)]
+                pair = (other, module) if isinstance(other, nn.Embedding) else (module, other)
+                if not (isinstance(pair[0], nn.Embedding) and isinstance(pair[1], nn.Linear)
+                        and pair[1].weight is pair[0].weight):
+                    raise UnsupportedLayerError(f"layers {other_name} and {name} share a parameter; only an "
+                                                "embedding tied to a linear output layer is supported")
+                ties.append(pair)
+            else:
+                owner[id(p)] = (name, module)
+    return ties
+
+
+def _tied_cross_terms(ties, records) -> torch.Tensor:
+    by_module = {id(r.module): r for r in records}
+    total = 0.0
+    for emb, head in ties:
+        e, h = by_module.get(id(emb)), by_module.get(id(head))
+        if e is None or h is None or e.grad is None or h.grad is None:
+            continue
+        ids = e.inputs[0]
+        batch = ids.shape[0]
+        ids = ids.reshape(batch, -1)
+        g_emb = e.grad.reshape(batch, ids.shape[1], -1).float()
+        if emb.padding_idx is not None:
+            g_emb = g_emb * (ids != emb.padding_idx).unsqueeze(-1)
+        hidden = h.inputs[0].reshape(batch, -1, h.inputs[0].shape[-1]).float()
+        g_head = h.grad.reshape(batch, hidden.shape[1], -1).float()
+        # <sum_s e_{x_s} g_emb_s^T, sum_t g_head_t h_t^T> = sum_{t,s} g_head_t[x_s] (h_t . g_emb_s)
+        picked = torch.gather(g_head, 2, ids.unsqueeze(1).expand(-1, g_head.shape[1], -1))
+        total = total + 2 * (picked * torch.bmm(hidden, g_emb.transpose(1, 2))).sum(dim=(1, 2))
+    return total
+
+
+def _batched(x: torch.Tensor) -> torch.Tensor:
+    """(B, ..., f) -> (B, T, f)."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def _common_dtype(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Mixed precision (autocast) hands a layer float32 inputs and bfloat16 output grads: compute in float32.
+    if a.dtype != g.dtype:
+        return a.float(), g.float()
+    return a, g
+
+
+def _weight_bias(module, weight_sq: torch.Tensor, bias_sq: torch.Tensor) -> torch.Tensor:
+    total = torch.zeros_like(weight_sq)
+    if module.weight is not None and module.weight.requires_grad:
+        total += weight_sq
+    if getattr(module, "bias", None) is not None and module.bias.requires_grad:
+        total += bias_sq
+    return total
+
+
+@register_norm_sampler(nn.Linear)
+def linear_norms(module, inputs, grad, backend):
+    a, g = _common_dtype(_batched(inputs[0]), _batched(grad))
+    res = per_sample_grad_norms(a, g, backend=backend)
+    return _weight_bias(module, res.weight, res.bias)
+
+
+@register_norm_sampler(nn.Embedding)
+def embedding_norms(module, inputs, grad, backend):
+    # ||grad_E_i||^2 = sum over distinct tokens v of sample i of ||sum_{t: x_t = v} g_t||^2, via one
+    # index_add over (sample, token) keys: O(B T p), no T x T mask and no V x p buffer.
+    ids = inputs[0].reshape(grad.shape[0], -1)
+    g = grad.reshape(ids.shape[0], ids.shape[1], -1).float()
+    if module.padding_idx is not None:
+        g = g * (ids != module.padding_idx).unsqueeze(-1)
+    batch = ids.shape[0]
+    keys = torch.arange(batch, device=ids.device)[:, None] * module.num_embeddings + ids
+    uniq, inverse = torch.unique(keys.reshape(-1), return_inverse=True)
+    sums = torch.zeros(uniq.numel(), g.shape[-1], device=g.device).index_add_(0, inverse, g.reshape(-1, g.shape[-1]))
+    return torch.zeros(batch, device=g.device).index_add_(0, uniq // module.num_embeddings, sums.square().sum(1))
+
+
+@register_norm_sampler(nn.LayerNorm)
+def layer_norm_norms(module, inputs, grad, backend):
+    if len(module.normalized_shape) != 1:
+        raise UnsupportedLayerError("LayerNorm over more than the last dimension is not supported")
+    x, g = _batched(inputs[0]).float(), _batched(grad).float()
+    x_hat = F.layer_norm(x, module.normalized_shape, eps=module.eps)
+    return _weight_bias(module, (x_hat * g).sum(1).square().sum(1), g.sum(1).square().sum(1))
+
+
+def _rms_norms(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    x, g = _batched(x).float(), _batched(g).float()
+    x_hat = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    return (x_hat * g).sum(1).square().sum(1)
+
+
+if hasattr(nn, "RMSNorm"):
+    @register_norm_sampler(nn.RMSNorm)
+    def rms_norm_norms(module, inputs, grad, backend):
+        eps = module.eps if module.eps is not None else torch.finfo(inputs[0].dtype).eps
+        return _rms_norms(inputs[0], grad, eps)
+
+
+def _conv_as_linear(module, x: torch.Tensor, grad: torch.Tensor):
+    """Unfold a convolution into a linear map over output positions: (B, L, C_in k) and (B, L, C_out)."""
+    if module.groups != 1:
+        raise UnsupportedLayerError(f"{type(module).__name__} with groups={module.groups} is not supported")
+    if module.padding_mode != "zeros" or isinstance(module.padding, str) and module.padding != "valid":
+        raise UnsupportedLayerError(f"{type(module).__name__} with padding={module.padding!r}, padding_mode="
+                                    f"{module.padding_mode!r} is not supported; use integer zero padding")
+    padding = (0,) * len(module.kernel_size) if isinstance(module.padding, str) else module.padding
+    if isinstance(module, nn.Conv1d):
+        cols = F.unfold(x.unsqueeze(2), (1, module.kernel_size[0]), dilation=(1, module.dilation[0]),
+                        padding=(0, padding[0]), stride=(1, module.stride[0]))
+    else:
+        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+    return cols.transpose(1, 2), grad.reshape(grad.shape[0], grad.shape[1], -1).transpose(1, 2)
+
+
+@register_norm_sampler(nn.Conv1d, nn.Conv2d)
+def conv_norms(module, inputs, grad, backend):
+    a, g = _conv_as_linear(module, inputs[0], grad)
+    a, g = _common_dtype(a, g)
+    res = per_sample_grad_norms(a, g, backend=backend)
+    return _weight_bias(module, res.weight, res.bias)
+
+
+_transformers_registered = False
+
+
+def _register_transformers_layers() -> None:
+    """GPT-2's Conv1D (y = x W + b, W of shape d_in x d_out) and Llama-style RMSNorm, once the caller has
+    imported transformers (a transformers model implies it); erasus never imports it itself."""
+    global _transformers_registered
+    if _transformers_registered or "transformers" not in sys.modules:
+        return
+    _transformers_registered = True
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return
+    from erasus.ops import fisher
+
+    register_norm_sampler(Conv1D)(linear_norms)
+    fisher.register_fisher_sampler(Conv1D)(fisher.transposed_linear_fisher)
+    try:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    except ImportError:
+        return
+
+    @register_norm_sampler(LlamaRMSNorm)
+    def llama_rms_norm_norms(module, inputs, grad, backend):
+        return _rms_norms(inputs[0], grad, module.variance_epsilon)
+
+    @fisher.register_fisher_sampler(LlamaRMSNorm)
+    def llama_rms_norm_fisher(module, inputs, grad, backend):
+        return fisher._own_trainable(module, {"weight": fisher.rms_fisher(inputs[0], grad, module.variance_epsilon)})

@@ -1,0 +1,135 @@
+import pytest
+import torch
+from torch import nn
+
+import erasus.ops
+from erasus import errors
+from erasus.ops.fisher import BACKENDS
+from oracles import backends_for
+from test_grad_norms import DTYPES, TOL, case, is_interpreted
+from test_model_grad_norms import ce, cnn, lm_batch, lm_loss, mlp, tiny_gpt2, tiny_llama
+
+SHAPES = [(1, 1, 1, 1), (5, 1, 7, 3), (17, 1, 33, 18), (1, 4, 9, 5), (3, 2, 33, 17), (4, 19, 20, 6)]
+TRITON_SHAPES = [(1, 1, 1, 1), (5, 1, 7, 3), (2, 3, 9, 5)]
+
+
+def loop_squares(a, g):
+    a3 = a.double().reshape(a.shape[0], -1, a.shape[-1])
+    g3 = g.double().reshape(g.shape[0], -1, g.shape[-1])
+    w = sum((g3[i].T @ a3[i]).square() for i in range(a3.shape[0]))
+    b = g3.sum(dim=1).square().sum(dim=0)
+    return w, b
+
+
+@pytest.mark.parametrize("backend", backends_for(BACKENDS))
+def test_every_backend_matches_the_per_sample_loop(backend):
+    shapes = TRITON_SHAPES if is_interpreted(backend) else SHAPES
+    dtypes = DTYPES[:2] if is_interpreted(backend) else DTYPES
+    for batch, steps, d, p in shapes:
+        for dtype in dtypes:
+            a, g = case(batch, steps, d, p, dtype, seed=5)
+            got = erasus.ops.squared_grad_sum(a, g, backend=backend)
+            want_w, want_b = loop_squares(a, g)
+            rtol, atol = TOL[dtype]
+            assert got.weight.shape == (p, d) and got.weight.dtype == torch.float32
+            torch.testing.assert_close(got.weight.double(), want_w, rtol=rtol, atol=atol)
+            torch.testing.assert_close(got.bias.double(), want_b, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("backend", backends_for(BACKENDS))
+def test_empty_batch_gives_zeros(backend):
+    got = erasus.ops.squared_grad_sum(torch.empty(0, 2, 3), torch.empty(0, 2, 4), backend=backend)
+    assert got.weight.shape == (4, 3) and not got.weight.any() and not got.bias.any()
+
+
+def loop_fisher(model, loss_fn, batches, mode="empirical"):
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    out = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    count = 0
+    for batch in batches:
+        losses = loss_fn(model, batch)
+        if mode == "batch_squared":
+            grads = torch.autograd.grad(losses.mean(), list(params.values()), allow_unused=True)
+            for n, gr in zip(params, grads):
+                out[n] += 0 if gr is None else gr.double().square()
+            count += 1
+            continue
+        for i in range(losses.shape[0]):
+            grads = torch.autograd.grad(losses[i], list(params.values()), retain_graph=True, allow_unused=True)
+            for n, gr in zip(params, grads):
+                out[n] += 0 if gr is None else gr.double().square()
+        count += losses.shape[0]
+    return {n: v / count for n, v in out.items()}
+
+
+def assert_fisher_close(got, want):
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name].double(), want[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["empirical", "batch_squared"])
+def test_classifier_fisher_matches_the_loop(mode):
+    model = mlp()
+    batches = [(torch.randn(6, 12), torch.randint(0, 5, (6,))), (torch.randn(3, 12), torch.randint(0, 5, (3,)))]
+    assert_fisher_close(erasus.ops.fisher_diagonal(model, batches, loss_fn=ce, mode=mode),
+                        loop_fisher(model, ce, batches, mode))
+    model = cnn()
+    batches = [(torch.randn(5, 2, 7, 7), torch.randint(0, 4, (5,)))]
+    assert_fisher_close(erasus.ops.fisher_diagonal(model, batches, loss_fn=ce, mode=mode),
+                        loop_fisher(model, ce, batches, mode))
+
+
+def test_language_model_fisher_matches_the_loop():
+    model = tiny_llama()
+    assert_fisher_close(erasus.ops.fisher_diagonal(model, [lm_batch()], loss_fn=lm_loss),
+                        loop_fisher(model, lm_loss, [lm_batch()]))
+    untied = tiny_gpt2(tied=False)
+    assert_fisher_close(erasus.ops.fisher_diagonal(untied, [lm_batch()], loss_fn=lm_loss),
+                        loop_fisher(untied, lm_loss, [lm_batch()]))
+    with pytest.raises(errors.InvalidInputError, match="tied weights"):
+        erasus.ops.fisher_diagonal(tiny_gpt2(tied=True), [lm_batch()], loss_fn=lm_loss)
+    tied = tiny_gpt2(tied=True)  # batch_squared works with tied weights: it uses ordinary gradients
+    assert_fisher_close(erasus.ops.fisher_diagonal(tied, [lm_batch()], loss_fn=lm_loss, mode="batch_squared"),
+                        loop_fisher(tied, lm_loss, [lm_batch()], "batch_squared"))
+
+
+def test_mc_fisher_uses_labels_drawn_from_the_model():
+    model = mlp()
+    x = torch.randn(200, 12)
+    logits_fn = lambda m, b: m(b)  # noqa: E731
+    got = erasus.ops.fisher_diagonal(model, [x], mode="mc", logits_fn=logits_fn, seed=0)
+    again = erasus.ops.fisher_diagonal(model, [x], mode="mc", logits_fn=logits_fn, seed=0)
+    assert all(torch.equal(got[n], again[n]) for n in got)
+    # The exact Fisher of softmax CE: E_y[(d CE/d logits)^2 ...] -> for the output bias, mean_i diag(p_i - p_i^2)
+    probs = torch.softmax(model(x), dim=1).detach()
+    exact_bias = (probs - probs.square()).mean(0)
+    torch.testing.assert_close(got["3.bias"], exact_bias, rtol=0.3, atol=0.02)
+
+
+def test_fisher_leaves_the_model_alone_and_reduction_sum():
+    model = mlp().train()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    batches = [(torch.randn(4, 12), torch.randint(0, 5, (4,)))]
+    mean = erasus.ops.fisher_diagonal(model, batches, loss_fn=ce)
+    total = erasus.ops.fisher_diagonal(model, batches, loss_fn=ce, reduction="sum")
+    assert all(torch.allclose(total[n], mean[n] * 4) for n in mean)
+    assert model.training and all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs, data, error, match",
+    [
+        ({"mode": "exact"}, [], errors.InvalidInputError, "mode must be one of"),
+        ({"mode": "mc"}, [], errors.InvalidInputError, "needs logits_fn"),
+        ({}, [], errors.InvalidInputError, "needs loss_fn"),
+        ({"loss_fn": ce}, [], errors.EmptyInputError, "no batches"),
+        ({"loss_fn": ce, "reduction": "max"}, [], errors.InvalidInputError, "reduction must be"),
+        ({"loss_fn": lambda m, b: ce(m, b).sum(), "mode": "batch_squared"},
+         [(torch.randn(2, 12), torch.zeros(2, dtype=torch.long))], errors.InvalidInputError, "one loss per sample"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(kwargs, data, error, match):
+    with pytest.raises(error, match=match):
+        erasus.ops.fisher_diagonal(mlp(), data, **kwargs)
