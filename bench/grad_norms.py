@@ -173,6 +173,55 @@ def fisher_backpack(model, x, y, loss):
     return {k: p.sum_grad_squared for k, p in net.named_parameters() if p.requires_grad}
 
 
+# --- layer level: which path and which backend wins, per shape --------------------------------------------
+
+LAYER_SHAPES = [(256, 1, 1024, 1024), (512, 1, 1024, 10), (16, 64, 768, 3072), (16, 128, 768, 3072),
+                (8, 256, 1024, 1024), (8, 512, 768, 768), (8, 1024, 1024, 1024), (4, 512, 4096, 8),
+                (32, 128, 768, 8)]
+
+
+def layer_table(quick: bool, repeats: int, device) -> list[str]:
+    """Times every (path, backend) of per_sample_grad_norms and every backend of squared_grad_sum per shape,
+    after checking each against the reference; reports the flop rule's pick next to the measured winner."""
+    from erasus.ops.grad_norms import choose_path
+
+    backends = [b for b in ("reference", "cpp", "triton") if erasus.ops.backends()[b]["available"]
+                and (b != "triton" or device.type == "cuda")]
+    shapes = LAYER_SHAPES[:4] if quick else LAYER_SHAPES
+    lines = ["| op | B, T, d, p | rule picks | " + " | ".join(f"{path}/{b} ms" for path in ("ghost", "materialize")
+                                                          for b in backends) + " | measured winner |",
+             "|---|---|---|" + "---|" * (2 * len(backends)) + "---|"]
+    for batch, steps, d, p in tqdm(shapes, desc="layer shapes", file=sys.stderr):
+        g = torch.Generator().manual_seed(steps)
+        a, gr = torch.randn(batch, steps, d, generator=g).to(device), torch.randn(batch, steps, p, generator=g).to(device)
+        paths = ["outer"] if steps == 1 else ["ghost", "materialize"]
+        impls = {}
+        want = erasus.ops.per_sample_grad_norms(a, gr, backend="reference").weight
+        for path in paths:
+            for b in backends:
+                got = erasus.ops.per_sample_grad_norms(a, gr, path=path, backend=b).weight
+                assert torch.allclose(got, want, rtol=1e-3), (path, b)
+                impls[f"{path}/{b}"] = lambda path=path, b=b: erasus.ops.per_sample_grad_norms(a, gr, path=path,
+                                                                                           backend=b)
+        times = {k: harness.quantiles(v)[0] for k, v in harness.interleaved(impls, device, repeats).items()}
+        cells = [f"{times[f'{path}/{b}'] * 1e3:.1f}" if f"{path}/{b}" in times else "–"
+                 for path in ("ghost", "materialize") for b in backends]
+        if steps == 1:
+            cells = [f"outer/{b}: {times[f'outer/{b}'] * 1e3:.2f}" for b in backends] + ["–"] * (len(cells) - len(backends))
+        lines.append(f"| per_sample_grad_norms | {batch}, {steps}, {d}, {p} | {choose_path(steps, d, p)} | "
+                     + " | ".join(cells) + f" | {min(times, key=times.get)} |")
+        fisher = {b: (lambda b=b: erasus.ops.squared_grad_sum(a, gr, backend=b)) for b in backends}
+        ref = erasus.ops.squared_grad_sum(a, gr, backend="reference").weight
+        for b in backends:
+            assert torch.allclose(erasus.ops.squared_grad_sum(a, gr, backend=b).weight, ref, rtol=1e-3,
+                                  atol=1e-5 * float(ref.abs().max())), b
+        ft = {k: harness.quantiles(v)[0] for k, v in harness.interleaved(fisher, device, repeats).items()}
+        lines.append(f"| squared_grad_sum | {batch}, {steps}, {d}, {p} | – | "
+                     + " | ".join(f"{b}: {ft[b] * 1e3:.1f}" for b in backends)
+                     + " |" * (2 * len(backends) - len(backends)) + f" {min(ft, key=ft.get)} |")
+    return lines
+
+
 def close(a, b, rtol=1e-3) -> bool:
     if isinstance(a, dict):
         return all(close(a[k], b[k], rtol) for k in b)
@@ -234,7 +283,9 @@ def main():
                     lines.append(f"| {quantity} | {label} | {name}{' **(ours)**' if name == 'ours' else ''} | "
                                  f"{med * 1e3:.1f} | {p20 * 1e3:.1f}–{p80 * 1e3:.1f} | {med / t_ours:.2f}× | "
                                  f"{med / t_plain:.2f}× |")
-    body = "\n".join(lines + [""] + [f"- {n}" for n in notes])
+    body = "\n".join(["Layer level (given A and G; ms, median of interleaved runs):", ""]
+                     + layer_table(args.quick, repeats, device)
+                     + ["", "Model level:", ""] + lines + [""] + [f"- {n}" for n in notes])
     print(body)
     if not args.no_record:
         harness.append_results(f"bench/grad_norms.py{' --quick' if args.quick else ''}", body)

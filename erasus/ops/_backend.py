@@ -89,8 +89,11 @@ def _runs_on(name: str, device: torch.device) -> tuple[bool, str]:
     return True, why
 
 
-def resolve(op: str, supported: tuple[str, ...], device: torch.device, backend: str | None) -> str:
-    """Pick the backend that runs ``op`` on ``device``. ``supported`` lists the op's backends."""
+def resolve(op: str, supported: tuple[str, ...], device: torch.device, backend: str | None,
+            preferred: dict[str, tuple[str, ...]] | None = None) -> str:
+    """Pick the backend that runs ``op`` on ``device``. ``supported`` lists the op's backends; ``preferred``
+    overrides the per-device order of :data:`PREFERRED` for this call (an op whose measured winner depends
+    on the shape, see bench/RESULTS.md)."""
     explicit, source = backend, "backend="
     if explicit is None:
         env = os.environ.get("ERASUS_BACKEND") or None
@@ -105,7 +108,7 @@ def resolve(op: str, supported: tuple[str, ...], device: torch.device, backend: 
         if not ok:
             raise BackendUnavailableError(f"{op}: {source}{explicit!r} cannot run here: {why}")
         return explicit
-    for name in PREFERRED.get(device.type, ("reference",)):
+    for name in (preferred or PREFERRED).get(device.type, ("reference",)):
         if name not in supported:
             continue
         ok, why = _runs_on(name, device)

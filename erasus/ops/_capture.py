@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from erasus.errors import InvalidInputError, NonFiniteError, ShapeError, UnsupportedLayerError
+from erasus.ops._validate import all_finite
 
 
 @dataclasses.dataclass
@@ -91,7 +92,7 @@ def capture(model: nn.Module, layers: list[tuple[str, nn.Module]], loss_fn: Call
                 shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
                 raise ShapeError(f"loss_fn must return one loss per sample, shape (B,), got {shape}; compute it "
                                  "with reduction='none' (and sum or average over tokens per sample)")
-            if not bool(torch.isfinite(losses).all()):
+            if not all_finite(losses):
                 raise NonFiniteError("loss_fn returned NaN or infinite losses")
             used = [r for r in records.values() if r.output.requires_grad]
             grads = torch.autograd.grad(losses.sum(), [r.output for r in used], allow_unused=True)
@@ -107,6 +108,6 @@ def capture(model: nn.Module, layers: list[tuple[str, nn.Module]], loss_fn: Call
             if record.grad.shape[0] != batch_size:
                 raise ShapeError(f"layer {record.name}: output has {record.grad.shape[0]} rows but the loss has "
                                  f"{batch_size} samples; outputs must be batch-first")
-            if not bool(torch.isfinite(record.grad).all()):
+            if not all_finite(record.grad):
                 raise NonFiniteError(f"the gradient at the output of layer {record.name} holds NaN or infinity")
     return losses.detach(), [records[id(m)] for _, m in layers if id(m) in records]

@@ -8,6 +8,7 @@ from torch import nn
 
 from erasus.errors import EmptyInputError, InvalidInputError, NonFiniteError
 from erasus.ops import _backend, _capture, _cpp
+from erasus.ops._validate import all_finite
 from erasus.ops.grad_norms import _check_pair
 
 BACKENDS = ("reference", "cpp", "triton")
@@ -40,9 +41,16 @@ def squared_grad_sum(a: torch.Tensor, g: torch.Tensor, *, backend: str | None = 
         [[37.0, 4.0]]
     """
     a, g = _check_pair(a, g)
+    return squares_unchecked(a, g, backend)
+
+
+def squares_unchecked(a: torch.Tensor, g: torch.Tensor, backend: str | None = None) -> SquaredGradSum:
+    """:func:`squared_grad_sum` on inputs already checked ((B, T, d), (B, T, p), one dtype, finite)."""
     batch, steps, d = a.shape
     p = g.shape[2]
     name = _backend.resolve("squared_grad_sum", BACKENDS, a.device, backend)
+    if name != "reference":
+        a, g = a.contiguous(), g.contiguous()
     weight = torch.zeros(p, d, dtype=torch.float32, device=a.device)
     bias = torch.zeros(p, dtype=torch.float32, device=a.device)
     if batch == 0 or steps == 0 or d == 0 or p == 0:
@@ -59,12 +67,14 @@ def squared_grad_sum(a: torch.Tensor, g: torch.Tensor, *, backend: str | None = 
     return squared_grad_sum_reference(a, g)
 
 
-def squared_grad_sum_reference(a: torch.Tensor, g: torch.Tensor, chunk: int = 64) -> SquaredGradSum:
-    """Plain-torch oracle: one GEMM of squares for T = 1, else per-sample bmm in chunks of samples."""
+def squared_grad_sum_reference(a: torch.Tensor, g: torch.Tensor) -> SquaredGradSum:
+    """Plain-torch oracle: one GEMM of squares for T = 1, else per-sample bmm in chunks of samples (the
+    chunk x p x d buffer stays under ~64 MB)."""
     af, gf = a.float(), g.float()
     bias = gf.sum(dim=1).square().sum(dim=0)
     if af.shape[1] == 1:
         return SquaredGradSum(gf[:, 0].square().T @ af[:, 0].square(), bias)
+    chunk = max(1, (1 << 24) // max(1, af.shape[2] * gf.shape[2]))
     weight = torch.zeros(gf.shape[2], af.shape[2], device=af.device)
     for i in range(0, af.shape[0], chunk):
         weight += torch.bmm(gf[i : i + chunk].transpose(1, 2), af[i : i + chunk]).square().sum(dim=0)
@@ -163,12 +173,12 @@ def _sampled_label_loss(logits_fn: Callable, generator: torch.Generator) -> Call
 def _accumulate_batch_squared(params: dict, fisher: dict, losses: torch.Tensor) -> None:
     if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.numel() == 0:
         raise InvalidInputError("loss_fn must return one loss per sample, shape (B,)")
-    if not bool(torch.isfinite(losses).all()):
+    if not all_finite(losses):
         raise NonFiniteError("loss_fn returned NaN or infinite losses")
     grads = torch.autograd.grad(losses.mean(), list(params.values()), allow_unused=True)
     for name, grad in zip(params, grads):
         if grad is not None:
-            if not bool(torch.isfinite(grad).all()):
+            if not all_finite(grad):
                 raise NonFiniteError(f"the gradient of {name} holds NaN or infinity")
             fisher[name] += grad.float().square()
 
@@ -207,7 +217,7 @@ def linear_fisher(module, inputs, grad, backend):
     a, g = a.reshape(a.shape[0], -1, a.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1])
     if a.dtype != g.dtype:
         a, g = a.float(), g.float()
-    res = squared_grad_sum(a, g, backend=backend)
+    res = squares_unchecked(a, g, backend)
     return _own_trainable(module, {"weight": res.weight, "bias": res.bias})
 
 
@@ -262,5 +272,5 @@ def conv_fisher(module, inputs, grad, backend):
     a, g = _conv_as_linear(module, inputs[0], grad)
     if a.dtype != g.dtype:
         a, g = a.float(), g.float()
-    res = squared_grad_sum(a.contiguous(), g.contiguous(), backend=backend)
+    res = squares_unchecked(a, g, backend)
     return _own_trainable(module, {"weight": res.weight.reshape(module.weight.shape), "bias": res.bias})

@@ -7,7 +7,7 @@ import torch
 
 from erasus.errors import DTypeError, InvalidInputError, NonFiniteError, ShapeError
 from erasus.ops import _backend, _cpp
-from erasus.ops._validate import FLOAT_DTYPES
+from erasus.ops._validate import FLOAT_DTYPES, all_finite
 
 BACKENDS = ("reference", "cpp", "triton")
 PATHS = ("auto", "outer", "ghost", "materialize")
@@ -60,18 +60,30 @@ def per_sample_grad_norms(a: torch.Tensor, g: torch.Tensor, *, path: str = "auto
         [45.0]
     """
     a, g = _check_pair(a, g)
-    batch, steps, d = a.shape
-    p = g.shape[2]
     if path not in PATHS:
         raise InvalidInputError(f"path must be one of {PATHS}, got {path!r}")
+    if path == "outer" and a.shape[1] != 1:
+        raise InvalidInputError(f"path='outer' needs one step per sample (T = 1), got T = {a.shape[1]}")
+    return norms_unchecked(a, g, path, backend)
+
+
+def norms_unchecked(a: torch.Tensor, g: torch.Tensor, path: str = "auto", backend: str | None = None) -> GradNorms:
+    """:func:`per_sample_grad_norms` on inputs already checked: (B, T, d) and (B, T, p), one dtype and device,
+    finite. The model-level code calls this, having checked its gradients once."""
+    batch, steps, d = a.shape
+    p = g.shape[2]
     if path == "auto":
         path = choose_path(steps, d, p)
-    if path == "outer" and steps != 1:
-        raise InvalidInputError(f"path='outer' needs one step per sample (T = 1), got T = {steps}")
-    name = _backend.resolve("per_sample_grad_norms", BACKENDS, a.device, backend)
+    # On the CPU the C++ kernel wins the T = 1 row norms; for the GEMM-shaped paths torch's BLAS beats a
+    # libtorch-free kernel (bench/RESULTS.md, layer-level table), so the reference is the default there.
+    cpu_order = ("cpp", "reference") if path == "outer" else ("reference",)
+    name = _backend.resolve("per_sample_grad_norms", BACKENDS, a.device, backend,
+                            preferred={**_backend.PREFERRED, "cpu": cpu_order})
     if batch == 0 or steps == 0 or d == 0 or p == 0:
         zeros = torch.zeros(batch, dtype=torch.float32, device=a.device)
         return GradNorms(zeros, zeros.clone())
+    if name != "reference":  # the compiled kernels read dense row-major memory
+        a, g = a.contiguous(), g.contiguous()
     if name == "cpp":
         weight = torch.empty(batch, dtype=torch.float32)
         bias = torch.empty(batch, dtype=torch.float32)
@@ -94,8 +106,11 @@ def per_sample_grad_norms_reference(a: torch.Tensor, g: torch.Tensor, path: str)
         weight = af.square().sum(dim=(1, 2)) * gf.square().sum(dim=(1, 2))
     elif path == "ghost":
         weight = (torch.bmm(af, af.transpose(1, 2)) * torch.bmm(gf, gf.transpose(1, 2))).sum(dim=(1, 2))
-    else:  # one sample at a time keeps the p x d buffer to a single sample
-        weight = torch.stack([torch.mm(gf[i].T, af[i]).square().sum() for i in range(af.shape[0])])
+    else:  # batched G_i^T A_i in chunks of samples, so the chunk x p x d buffer stays under ~64 MB
+        batch, _, d = af.shape
+        chunk = max(1, (1 << 24) // max(1, d * gf.shape[2]))
+        weight = torch.cat([torch.bmm(gf[i : i + chunk].transpose(1, 2), af[i : i + chunk]).square().sum(dim=(1, 2))
+                            for i in range(0, batch, chunk)])
     return GradNorms(weight, bias)
 
 
@@ -119,6 +134,6 @@ def _check_pair(a, g) -> tuple[torch.Tensor, torch.Tensor]:
     if a.shape[:2] != g.shape[:2]:
         raise ShapeError(f"a and g must agree on (B, T), got {tuple(a.shape[:2])} and {tuple(g.shape[:2])}")
     for name, t in (("a", a), ("g", g)):
-        if t.numel() and not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise NonFiniteError(f"{name} holds NaN or infinite values")
-    return a.detach().contiguous(), g.detach().contiguous()
+    return a.detach(), g.detach()

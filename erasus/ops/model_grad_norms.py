@@ -15,7 +15,7 @@ from torch import nn
 
 from erasus.errors import UnsupportedLayerError
 from erasus.ops import _capture
-from erasus.ops.grad_norms import per_sample_grad_norms
+from erasus.ops.grad_norms import norms_unchecked
 
 # (module, inputs, output_grad, backend) -> float32 (B,) squared norm of the module's own trainable params
 NormSampler = Callable[[nn.Module, tuple, torch.Tensor, "str | None"], torch.Tensor]
@@ -146,7 +146,7 @@ def _weight_bias(module, weight_sq: torch.Tensor, bias_sq: torch.Tensor) -> torc
 @register_norm_sampler(nn.Linear)
 def linear_norms(module, inputs, grad, backend):
     a, g = _common_dtype(_batched(inputs[0]), _batched(grad))
-    res = per_sample_grad_norms(a, g, backend=backend)
+    res = norms_unchecked(a, g, backend=backend)
     return _weight_bias(module, res.weight, res.bias)
 
 
@@ -207,7 +207,7 @@ def _conv_as_linear(module, x: torch.Tensor, grad: torch.Tensor):
 def conv_norms(module, inputs, grad, backend):
     a, g = _conv_as_linear(module, inputs[0], grad)
     a, g = _common_dtype(a, g)
-    res = per_sample_grad_norms(a, g, backend=backend)
+    res = norms_unchecked(a, g, backend=backend)
     return _weight_bias(module, res.weight, res.bias)
 
 
