@@ -118,7 +118,8 @@ def vmap_grad(model, x, y, loss):
 def opacus_hooks(model, x, y, loss):
     from opacus.grad_sample import GradSampleModule
 
-    gsm = GradSampleModule(copy.deepcopy(model))
+    # Opacus records activations only in training mode; these models have no dropout or BatchNorm.
+    gsm = GradSampleModule(copy.deepcopy(model).train(), loss_reduction="sum")
     loss(gsm(x), y).sum().backward()
     norms = sum(p.grad_sample.flatten(1).square().sum(1) for p in gsm.parameters() if p.requires_grad)
     return norms.sqrt()
@@ -128,7 +129,8 @@ def opacus_ghost(model, x, y, loss):
     """Opacus ghost clipping's per-sample norms: its first backward only (no clipped second backward)."""
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
-    gsm = GradSampleModuleFastGradientClipping(copy.deepcopy(model), max_grad_norm=1.0, use_ghost_clipping=True)
+    gsm = GradSampleModuleFastGradientClipping(copy.deepcopy(model).train(), max_grad_norm=1.0, use_ghost_clipping=True,
+                                               loss_reduction="sum")
     loss(gsm(x), y).sum().backward()
     return gsm.get_norm_sample()
 
