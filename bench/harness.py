@@ -26,12 +26,11 @@ def pin_threads() -> int:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    for line in lines:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
 
@@ -104,7 +103,7 @@ def versions() -> str:
         try:
             parts.append(f"{mod} {__import__(mod).__version__}")
         except ImportError:
-            pass
+            continue
     return ", ".join(parts)
 
 

@@ -12,6 +12,7 @@ from erasus.ops.kcenter import KCenterResult, kcenter_greedy
 from erasus.ops.kmeans import kmeans_coreset
 from erasus.ops.last_layer import last_layer_grad_gram, last_layer_grad_sq_norms
 from erasus.ops.model_grad_norms import grad_norms, register_norm_sampler
+from erasus.ops import _affine_layers  # noqa: E402,F401  (registers the normalisation layers)
 
 __all__ = ["backends", "herding", "kcenter_greedy", "KCenterResult", "kmeans_coreset", "per_sample_grad_norms",
            "GradNorms", "grad_norms", "register_norm_sampler", "squared_grad_sum", "SquaredGradSum",

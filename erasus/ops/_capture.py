@@ -49,6 +49,12 @@ def trainable_layers(model: nn.Module, registry: dict[type, Callable]) -> list[t
     return layers
 
 
+def own_trainable(module: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of ``values`` (keyed by parameter attribute name) whose parameter is trainable."""
+    return {k: v for k, v in values.items()
+            if isinstance(getattr(module, k, None), torch.Tensor) and getattr(module, k).requires_grad}
+
+
 def lookup(registry: dict[type, Callable], module: nn.Module) -> Callable | None:
     for cls in type(module).__mro__:
         if cls in registry:

@@ -184,9 +184,9 @@ def _accumulate_batch_squared(params: dict, fisher: dict, losses: torch.Tensor) 
 
 
 def _accumulate_per_sample(model, fisher: dict, loss_fn: Callable, batch, backend) -> int:
-    from erasus.ops.model_grad_norms import _register_transformers_layers
+    from erasus.ops._affine_layers import register_transformers_layers
 
-    _register_transformers_layers()
+    register_transformers_layers()
     layers = _capture.trainable_layers(model, FISHER_SAMPLERS)
     seen: set[int] = set()
     for name, module in layers:
@@ -207,10 +207,6 @@ def _accumulate_per_sample(model, fisher: dict, loss_fn: Callable, batch, backen
     return int(losses.shape[0])
 
 
-def _own_trainable(module: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in values.items() if getattr(module, k, None) is not None and getattr(module, k).requires_grad}
-
-
 @register_fisher_sampler(nn.Linear)
 def linear_fisher(module, inputs, grad, backend):
     a, g = inputs[0], grad
@@ -218,7 +214,7 @@ def linear_fisher(module, inputs, grad, backend):
     if a.dtype != g.dtype:
         a, g = a.float(), g.float()
     res = squares_unchecked(a, g, backend)
-    return _own_trainable(module, {"weight": res.weight, "bias": res.bias})
+    return _capture.own_trainable(module, {"weight": res.weight, "bias": res.bias})
 
 
 def transposed_linear_fisher(module, inputs, grad, backend):
@@ -240,29 +236,7 @@ def embedding_fisher(module, inputs, grad, backend):
     sums = torch.zeros(uniq.numel(), g.shape[-1], device=g.device).index_add_(0, inverse, g.reshape(-1, g.shape[-1]))
     weight = torch.zeros(module.num_embeddings, g.shape[-1], device=g.device)
     weight.index_add_(0, uniq % module.num_embeddings, sums.square())
-    return _own_trainable(module, {"weight": weight})
-
-
-@register_fisher_sampler(nn.LayerNorm)
-def layer_norm_fisher(module, inputs, grad, backend):
-    x = inputs[0].reshape(grad.shape[0], -1, inputs[0].shape[-1]).float()
-    g = grad.reshape(x.shape).float()
-    x_hat = nn.functional.layer_norm(x, module.normalized_shape, eps=module.eps)
-    return _own_trainable(module, {"weight": (x_hat * g).sum(1).square().sum(0), "bias": g.sum(1).square().sum(0)})
-
-
-def rms_fisher(x, grad, eps):
-    x = x.reshape(grad.shape[0], -1, x.shape[-1]).float()
-    g = grad.reshape(x.shape).float()
-    x_hat = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
-    return (x_hat * g).sum(1).square().sum(0)
-
-
-if hasattr(nn, "RMSNorm"):
-    @register_fisher_sampler(nn.RMSNorm)
-    def rms_norm_fisher(module, inputs, grad, backend):
-        eps = module.eps if module.eps is not None else torch.finfo(inputs[0].dtype).eps
-        return _own_trainable(module, {"weight": rms_fisher(inputs[0], grad, eps)})
+    return _capture.own_trainable(module, {"weight": weight})
 
 
 @register_fisher_sampler(nn.Conv1d, nn.Conv2d)
@@ -273,4 +247,4 @@ def conv_fisher(module, inputs, grad, backend):
     if a.dtype != g.dtype:
         a, g = a.float(), g.float()
     res = squares_unchecked(a, g, backend)
-    return _own_trainable(module, {"weight": res.weight.reshape(module.weight.shape), "bias": res.bias})
+    return _capture.own_trainable(module, {"weight": res.weight.reshape(module.weight.shape), "bias": res.bias})

@@ -6,7 +6,6 @@ gradients into per-sample squared norms of its trainable parameters; supporting 
 """
 from __future__ import annotations
 
-import sys
 from typing import Callable
 
 import torch
@@ -66,7 +65,9 @@ def grad_norms(model: nn.Module, loss_fn: Callable, batch, *, squared: bool = Fa
         >>> erasus.ops.grad_norms(model, loss, (x, y)).shape
         torch.Size([16])
     """
-    _register_transformers_layers()
+    from erasus.ops._affine_layers import register_transformers_layers
+
+    register_transformers_layers()
     layers = _capture.trainable_layers(model, NORM_SAMPLERS)
     ties = _shared_parameters(layers)
     losses, records = _capture.capture(model, layers, loss_fn, batch)
@@ -135,12 +136,9 @@ def _common_dtype(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def _weight_bias(module, weight_sq: torch.Tensor, bias_sq: torch.Tensor) -> torch.Tensor:
-    total = torch.zeros_like(weight_sq)
-    if module.weight is not None and module.weight.requires_grad:
-        total += weight_sq
-    if getattr(module, "bias", None) is not None and module.bias.requires_grad:
-        total += bias_sq
-    return total
+    """The per-sample squared norm over the module's trainable weight and bias."""
+    return sum(_capture.own_trainable(module, {"weight": weight_sq, "bias": bias_sq}).values(),
+               torch.zeros_like(weight_sq))
 
 
 @register_norm_sampler(nn.Linear)
@@ -165,28 +163,6 @@ def embedding_norms(module, inputs, grad, backend):
     return torch.zeros(batch, device=g.device).index_add_(0, uniq // module.num_embeddings, sums.square().sum(1))
 
 
-@register_norm_sampler(nn.LayerNorm)
-def layer_norm_norms(module, inputs, grad, backend):
-    if len(module.normalized_shape) != 1:
-        raise UnsupportedLayerError("LayerNorm over more than the last dimension is not supported")
-    x, g = _batched(inputs[0]).float(), _batched(grad).float()
-    x_hat = F.layer_norm(x, module.normalized_shape, eps=module.eps)
-    return _weight_bias(module, (x_hat * g).sum(1).square().sum(1), g.sum(1).square().sum(1))
-
-
-def _rms_norms(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
-    x, g = _batched(x).float(), _batched(g).float()
-    x_hat = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
-    return (x_hat * g).sum(1).square().sum(1)
-
-
-if hasattr(nn, "RMSNorm"):
-    @register_norm_sampler(nn.RMSNorm)
-    def rms_norm_norms(module, inputs, grad, backend):
-        eps = module.eps if module.eps is not None else torch.finfo(inputs[0].dtype).eps
-        return _rms_norms(inputs[0], grad, eps)
-
-
 def _conv_as_linear(module, x: torch.Tensor, grad: torch.Tensor):
     """Unfold a convolution into a linear map over output positions: (B, L, C_in k) and (B, L, C_out)."""
     if module.groups != 1:
@@ -209,35 +185,3 @@ def conv_norms(module, inputs, grad, backend):
     a, g = _common_dtype(a, g)
     res = norms_unchecked(a, g, backend=backend)
     return _weight_bias(module, res.weight, res.bias)
-
-
-_transformers_registered = False
-
-
-def _register_transformers_layers() -> None:
-    """GPT-2's Conv1D (y = x W + b, W of shape d_in x d_out) and Llama-style RMSNorm, once the caller has
-    imported transformers (a transformers model implies it); erasus never imports it itself."""
-    global _transformers_registered
-    if _transformers_registered or "transformers" not in sys.modules:
-        return
-    _transformers_registered = True
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return
-    from erasus.ops import fisher
-
-    register_norm_sampler(Conv1D)(linear_norms)
-    fisher.register_fisher_sampler(Conv1D)(fisher.transposed_linear_fisher)
-    try:
-        from transformers.models.llama.modeling_llama import LlamaRMSNorm
-    except ImportError:
-        return
-
-    @register_norm_sampler(LlamaRMSNorm)
-    def llama_rms_norm_norms(module, inputs, grad, backend):
-        return _rms_norms(inputs[0], grad, module.variance_epsilon)
-
-    @fisher.register_fisher_sampler(LlamaRMSNorm)
-    def llama_rms_norm_fisher(module, inputs, grad, backend):
-        return fisher._own_trainable(module, {"weight": fisher.rms_fisher(inputs[0], grad, module.variance_epsilon)})

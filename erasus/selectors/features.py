@@ -104,21 +104,31 @@ def _pool(f: torch.Tensor) -> torch.Tensor:
 def _run_with_hook(model: nn.Module, module: nn.Module, loader: Iterable) -> list[torch.Tensor]:
     captured: list[torch.Tensor] = []
     handle = module.register_forward_hook(lambda _m, args, _out: captured.append(_pool(args[0])))
+    try:
+        _forward_all(model, loader)
+    finally:
+        handle.remove()
+    return captured
+
+
+def _forward_all(model: nn.Module, loader: Iterable, on_batch: Callable | None = None) -> None:
+    """Run every batch through the model in eval mode under no_grad, inputs moved to the model's device;
+    the model's mode is restored afterwards."""
     was_training = model.training
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     model.eval()
     try:
         with torch.no_grad():
             for batch in loader:
+                if on_batch is not None:
+                    on_batch(batch)
                 inputs = _inputs(batch)
                 if isinstance(inputs, dict):
                     model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
                 else:
                     model(inputs.to(device))
     finally:
-        handle.remove()
         model.train(was_training)
-    return captured
 
 
 def labels_of(batch) -> torch.Tensor:
@@ -143,22 +153,12 @@ def extract_head(data, model: nn.Module, *, layer: str | None = None, batch_size
     feats, logits, labels = [], [], []
     handle = module.register_forward_hook(lambda _m, args, out: (feats.append(args[0].detach()),
                                                                   logits.append(out.detach())))
-    was_training = model.training
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    model.eval()
     try:
-        with torch.no_grad():
-            for batch in loader:
-                labels.append(labels_of(batch))
-                inputs = _inputs(batch)
-                if isinstance(inputs, dict):
-                    model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
-                else:
-                    model(inputs.to(device))
+        _forward_all(model, loader, on_batch=lambda batch: labels.append(labels_of(batch)))
     finally:
         handle.remove()
-        model.train(was_training)
-    h, z, y = torch.cat(feats), torch.cat(logits), torch.cat(labels).to(device)
+    h, z = torch.cat(feats), torch.cat(logits)
+    y = torch.cat(labels).to(h.device)
     if h.dim() != 2 or z.dim() != 2:
         raise ShapeError(f"the last layer must map (B, d) features to (B, C) logits, got {tuple(h.shape)} -> "
                          f"{tuple(z.shape)}; pass layer= for a classifier head")
