@@ -4,6 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._distance import sq_dist_to_vector
+
 
 @triton.jit
 def _herding_step(x_ptr, target_ptr, selected_ptr, block_min_ptr, block_arg_ptr, n, d, stride_x,
@@ -11,15 +13,7 @@ def _herding_step(x_ptr, target_ptr, selected_ptr, block_min_ptr, block_arg_ptr,
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, d, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        col_ok = cols < d
-        xv = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                     other=0.0).to(tl.float32)
-        tv = tl.load(target_ptr + cols, mask=col_ok, other=0.0)
-        diff = xv - tv[None, :]
-        acc += tl.sum(diff * diff, axis=1)
+    acc = sq_dist_to_vector(x_ptr, rows, row_ok, target_ptr, d, stride_x, BLOCK_N, BLOCK_D)
     chosen = tl.load(selected_ptr + rows, mask=row_ok, other=1)
     acc = tl.where(row_ok & (chosen == 0), acc, float("inf"))
     best = tl.min(acc, axis=0)

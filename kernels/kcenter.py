@@ -4,6 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._distance import sq_dist_to_vector
+
 
 @triton.jit
 def _kcenter_step(x_ptr, centres_ptr, step, min_ptr, block_max_ptr, block_arg_ptr, n, d, stride_x,
@@ -12,15 +14,7 @@ def _kcenter_step(x_ptr, centres_ptr, step, min_ptr, block_max_ptr, block_arg_pt
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n
     centre = tl.load(centres_ptr + step)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, d, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        col_ok = cols < d
-        xv = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                     other=0.0).to(tl.float32)
-        cv = tl.load(x_ptr + centre * stride_x + cols, mask=col_ok, other=0.0).to(tl.float32)
-        diff = xv - cv[None, :]
-        acc += tl.sum(diff * diff, axis=1)
+    acc = sq_dist_to_vector(x_ptr, rows, row_ok, x_ptr + centre * stride_x, d, stride_x, BLOCK_N, BLOCK_D)
     m = tl.load(min_ptr + rows, mask=row_ok, other=-1.0)
     # -1 marks a centre: min() keeps it, so a centre is never chosen again, even among duplicates.
     m = tl.where(m < 0.0, m, tl.minimum(m, acc))

@@ -49,6 +49,18 @@ def trainable_layers(model: nn.Module, registry: dict[type, Callable]) -> list[t
     return layers
 
 
+def registrar(registry: dict[type, Callable]) -> Callable:
+    """A decorator factory filling ``registry``: ``@register(LayerA, LayerB)`` maps both types to the function
+    (subclasses find it through their MRO, see :func:`lookup`)."""
+    def register(*layer_types: type):
+        def decorate(fn):
+            for t in layer_types:
+                registry[t] = fn
+            return fn
+        return decorate
+    return register
+
+
 def own_trainable(module: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The entries of ``values`` (keyed by parameter attribute name) whose parameter is trainable."""
     return {k: v for k, v in values.items()

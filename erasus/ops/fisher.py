@@ -87,13 +87,9 @@ FISHER_SAMPLERS: dict[type, FisherSampler] = {}
 MODES = ("empirical", "batch_squared", "mc")
 
 
-def register_fisher_sampler(*layer_types: type):
-    """Register ``fn(module, inputs, output_grad, backend) -> {param_name: sum of squared per-sample grads}``."""
-    def decorate(fn: FisherSampler) -> FisherSampler:
-        for t in layer_types:
-            FISHER_SAMPLERS[t] = fn
-        return fn
-    return decorate
+register_fisher_sampler = _capture.registrar(FISHER_SAMPLERS)
+"""``@register_fisher_sampler(Layer)``: ``fn(module, inputs, output_grad, backend) -> {param_name: sum over
+samples of squared per-sample grads}``."""
 
 
 def fisher_diagonal(model: nn.Module, data: Iterable, *, mode: str = "empirical", loss_fn: Callable | None = None,

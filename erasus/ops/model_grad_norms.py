@@ -21,13 +21,9 @@ NormSampler = Callable[[nn.Module, tuple, torch.Tensor, "str | None"], torch.Ten
 NORM_SAMPLERS: dict[type, NormSampler] = {}
 
 
-def register_norm_sampler(*layer_types: type):
-    """Register ``fn(module, inputs, output_grad, backend) -> (B,)`` for these layer types (and subclasses)."""
-    def decorate(fn: NormSampler) -> NormSampler:
-        for t in layer_types:
-            NORM_SAMPLERS[t] = fn
-        return fn
-    return decorate
+register_norm_sampler = _capture.registrar(NORM_SAMPLERS)
+"""``@register_norm_sampler(Layer)``: ``fn(module, inputs, output_grad, backend) -> (B,)`` squared per-sample
+norms over the module's own trainable parameters."""
 
 
 def grad_norms(model: nn.Module, loss_fn: Callable, batch, *, squared: bool = False,
