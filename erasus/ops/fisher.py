@@ -9,7 +9,7 @@ from torch import nn
 from erasus.errors import EmptyInputError, InvalidInputError, NonFiniteError
 from erasus.ops import _backend, _capture, _cpp
 from erasus.ops._validate import all_finite
-from erasus.ops.grad_norms import _check_pair
+from erasus.ops.grad_norms import THIN, _check_pair
 
 BACKENDS = ("reference", "cpp", "triton")
 
@@ -48,7 +48,9 @@ def squares_unchecked(a: torch.Tensor, g: torch.Tensor, backend: str | None = No
     """:func:`squared_grad_sum` on inputs already checked ((B, T, d), (B, T, p), one dtype, finite)."""
     batch, steps, d = a.shape
     p = g.shape[2]
-    name = _backend.resolve("squared_grad_sum", BACKENDS, a.device, backend)
+    cpu_order = ("cpp", "reference") if min(d, p) <= THIN else ("reference",)  # measured, see grad_norms.THIN
+    name = _backend.resolve("squared_grad_sum", BACKENDS, a.device, backend,
+                            preferred={**_backend.PREFERRED, "cpu": cpu_order})
     if name != "reference":
         a, g = a.contiguous(), g.contiguous()
     weight = torch.zeros(p, d, dtype=torch.float32, device=a.device)

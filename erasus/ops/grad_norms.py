@@ -12,6 +12,7 @@ from erasus.ops._validate import FLOAT_DTYPES, all_finite
 BACKENDS = ("reference", "cpp", "triton")
 PATHS = ("auto", "outer", "ghost", "materialize")
 _PATH_CODE = {"outer": 0, "ghost": 1, "materialize": 2}
+THIN = 64  # layers with min(d_in, d_out) <= THIN run on the C++ kernels on CPU (measured, bench/RESULTS.md)
 
 
 class GradNorms(NamedTuple):
@@ -74,9 +75,9 @@ def norms_unchecked(a: torch.Tensor, g: torch.Tensor, path: str = "auto", backen
     p = g.shape[2]
     if path == "auto":
         path = choose_path(steps, d, p)
-    # On the CPU the C++ kernel wins the T = 1 row norms; for the GEMM-shaped paths torch's BLAS beats a
-    # libtorch-free kernel (bench/RESULTS.md, layer-level table), so the reference is the default there.
-    cpu_order = ("cpp", "reference") if path == "outer" else ("reference",)
+    # On the CPU the C++ kernel wins the T = 1 row norms and thin layers (one side <= 64, e.g. LoRA factors);
+    # for wide GEMM-shaped work torch's BLAS wins (bench/RESULTS.md, layer-level table).
+    cpu_order = ("cpp", "reference") if path == "outer" or min(d, p) <= THIN else ("reference",)
     name = _backend.resolve("per_sample_grad_norms", BACKENDS, a.device, backend,
                             preferred={**_backend.PREFERRED, "cpu": cpu_order})
     if batch == 0 or steps == 0 or d == 0 or p == 0:

@@ -1,0 +1,5 @@
+import sys
+
+from erasus.cli import main
+
+sys.exit(main())

@@ -1,0 +1,42 @@
+"""Accuracy-type metrics of a classifier on a dataset."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from erasus.errors import EmptyInputError
+
+
+def predict_logits(model: nn.Module, data, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) over ``data`` (a Dataset or DataLoader of ``(inputs, labels)``), in eval mode under
+    ``no_grad``; the model's mode is restored."""
+    loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size, shuffle=False)
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    try:
+        with torch.no_grad():
+            for x, y in loader:
+                logits.append(model(x).float())
+                labels.append(y)
+    finally:
+        model.train(was_training)
+    if not logits:
+        raise EmptyInputError("data holds no samples")
+    return torch.cat(logits), torch.cat(labels)
+
+
+def accuracy(model: nn.Module, data, batch_size: int = 512) -> float:
+    """Top-1 accuracy in [0, 1]. UA (unlearning accuracy, SalUn) is ``1 - accuracy(model, forget)``; RA and TA
+    are the accuracies on the retain and test sets."""
+    logits, labels = predict_logits(model, data, batch_size)
+    return float((logits.argmax(dim=1) == labels).float().mean())
+
+
+def average_gap(metrics: dict[str, float], reference: dict[str, float], keys=("UA", "RA", "TA", "MIA")) -> float:
+    """SalUn's Avg. Gap: the mean of ``|metric - reference|`` over ``keys`` present in both."""
+    shared = [k for k in keys if k in metrics and k in reference]
+    if not shared:
+        raise EmptyInputError("no metric is shared with the reference")
+    return sum(abs(metrics[k] - reference[k]) for k in shared) / len(shared)

@@ -1,0 +1,61 @@
+"""Stop-and-restore guard for iterative unlearning: a NaN/inf loss or weight, or weights that explode, stop the
+run and put the model back to its last good state, bit for bit."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class GuardTripped(Exception):
+    """Raised inside a training loop when the guard restored the model; the loop stops."""
+
+
+class TrainingGuard:
+    """Keeps a copy of the last good weights (taken every ``snapshot_every`` steps, and at the start) and
+    checks every step.
+
+    ``check(loss)`` raises :class:`GuardTripped` after restoring the snapshot when the loss is NaN/inf, a
+    trainable weight is NaN/inf, or the weights' norm has grown beyond ``max_norm_ratio`` times its initial
+    value. ``events`` records what happened, for the report.
+    """
+
+    def __init__(self, model: nn.Module, snapshot_every: int = 1, max_norm_ratio: float = 100.0):
+        self.model = model
+        self.snapshot_every = max(1, int(snapshot_every))
+        self.max_norm_ratio = max_norm_ratio
+        self.events: list[dict] = []
+        self.steps = 0
+        self._initial_norm = self._norm()
+        self._snapshot = self._take()
+        self._snapshot_step = 0
+
+    def _take(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def _norm(self) -> float:
+        return math.sqrt(sum(float(p.detach().float().square().sum()) for p in self.model.parameters()))
+
+    def restore(self) -> None:
+        self.model.load_state_dict(self._snapshot)
+
+    def check(self, loss: torch.Tensor | float) -> None:
+        self.steps += 1
+        value = float(loss)
+        reason = None
+        if not math.isfinite(value):
+            reason = f"loss is {value}"
+        elif any(not bool(torch.isfinite(p).all()) for p in self.model.parameters() if p.requires_grad):
+            reason = "a weight became NaN or infinite"
+        else:
+            norm = self._norm()
+            if norm > self.max_norm_ratio * max(self._initial_norm, 1e-12):
+                reason = f"weights exploded (norm {norm:.3g}, {norm / self._initial_norm:.0f}x the original)"
+        if reason is not None:
+            self.restore()
+            self.events.append({"step": self.steps, "reason": reason, "restored_to_step": self._snapshot_step})
+            raise GuardTripped(reason)
+        if self.steps % self.snapshot_every == 0:
+            self._snapshot = self._take()
+            self._snapshot_step = self.steps
