@@ -30,12 +30,13 @@ class ErasusUnlearner:
             always evaluated on the whole forget set and, separately, on the part left out.
         strategy_params / selector_params: keyword arguments for the registered classes.
         epochs, batch_size, seed: the unlearning loop's passes over the coreset, batch size and shuffling seed.
-        out_dir: if given, ``fit`` writes report.json, report.md and PNG plots there.
+        out_dir: if given, ``fit`` writes report.json, report.md, PNG plots and the unlearned weights
+            (model.safetensors) there.
 
     Example:
         >>> import torch
         >>> from erasus import ErasusUnlearner
-        >>> torch.manual_seed(0)
+        >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
         >>> x, y = torch.randn(60, 4), torch.randint(0, 2, (60,))
         >>> unlearner = ErasusUnlearner(model, strategy="graddiff", selector="kcenter", prune_ratio=0.5, copy=True)
@@ -121,9 +122,12 @@ class ErasusUnlearner:
             report["gap_to_retrained"] = {k: abs(metrics[k] - ref[k]) for k in ref if k in metrics}
             report["avg_gap"] = average_gap(metrics, ref)
         if self.out_dir is not None:
+            from safetensors.torch import save_model
+
             from erasus.report import write_report
 
-            write_report(report, self.out_dir)
+            out = write_report(report, self.out_dir)
+            save_model(model, str(out / "model.safetensors"))  # safetensors, never pickle
         return model, report
 
     def _select(self, forget_ds: Dataset, model: nn.Module) -> torch.Tensor:

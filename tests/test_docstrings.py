@@ -6,7 +6,7 @@ import pytest
 
 MODULES = ["erasus.ops.kcenter", "erasus.ops.herding", "erasus.ops.kmeans", "erasus.selectors.classic",
            "erasus.ops.grad_norms", "erasus.ops.model_grad_norms", "erasus.ops.fisher", "erasus.ops.last_layer",
-           "erasus.selectors.gradient", "erasus.losses.token"]
+           "erasus.selectors.gradient", "erasus.losses.token", "erasus.unlearner"]
 
 
 @pytest.mark.parametrize("name", MODULES)

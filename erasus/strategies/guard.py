@@ -42,7 +42,7 @@ class TrainingGuard:
 
     def check(self, loss: torch.Tensor | float) -> None:
         self.steps += 1
-        value = float(loss)
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         reason = None
         if not math.isfinite(value):
             reason = f"loss is {value}"

@@ -1,0 +1,86 @@
+"""Each strategy forgets on real data (digits, forget class 3) and keeps utility within a stated tolerance."""
+import pytest
+import torch
+
+from erasus import ErasusUnlearner
+from erasus.metrics import accuracy
+from erasus.strategies import NPO, STRATEGIES, SalUn, frozen_copy
+
+# strategy -> (params, epochs, minimum share of the way from the original's UA to the retrained model's,
+#              retain-accuracy tolerance below the retrained model's)
+SETTINGS = {
+    "ga": ({"lr": 5e-4}, 3, 0.9, 0.06),
+    "graddiff": ({"lr": 5e-4}, 5, 0.9, 0.1),
+    "npo": ({"lr": 5e-4}, 5, 0.9, 0.1),
+    "finetune": ({"lr": 3e-3}, 10, 0.2, 0.02),  # forgetting by interference alone is slow
+    "scrub": ({}, 5, 0.9, 0.02),
+    "salun": ({"lr": 1e-3}, 3, 0.9, 0.15),
+    "ssd": ({"alpha": 5.0}, 1, 0.9, 0.06),
+    "fisher": ({"alpha": 1e-5, "max_std": 0.1}, 1, 0.15, 0.15),
+}
+
+
+def test_every_registered_strategy_is_covered():
+    assert set(STRATEGIES) == set(SETTINGS)
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_strategy_forgets_and_keeps_utility(name, class_scenario):
+    forget, retain, test, original, retrained = class_scenario
+    params, epochs, share, tolerance = SETTINGS[name]
+    model, report = ErasusUnlearner(original, strategy=name, selector=None, prune_ratio=1.0, strategy_params=params,
+                                    epochs=epochs, copy=True).fit(forget, retain, test=test, retrained=retrained)
+    ua_original, ua_retrained = report["original"]["UA"], report["retrained"]["UA"]
+    ua = report["metrics"]["UA"]
+    assert ua - ua_original >= share * (ua_retrained - ua_original), (name, report["metrics"])
+    assert report["metrics"]["RA"] >= report["retrained"]["RA"] - tolerance, (name, report["metrics"])
+    assert report["guard"]["stopped"] is None
+
+
+def test_retain_anchor_is_combinable_and_holds_outputs_closer(class_scenario):
+    forget, retain, test, original, _ = class_scenario
+    plain = ErasusUnlearner(original, strategy="ga", selector=None, prune_ratio=1.0, strategy_params={"lr": 1e-3},
+                            epochs=3, copy=True).fit(forget, retain)[1]
+    anchored = ErasusUnlearner(original, strategy="ga", selector=None, prune_ratio=1.0, epochs=3, copy=True,
+                               strategy_params={"lr": 1e-3, "anchor": "outputs", "anchor_weight": 5.0}
+                               ).fit(forget, retain)[1]
+    assert anchored["metrics"]["RA"] > plain["metrics"]["RA"]
+    weights = ErasusUnlearner(original, strategy="ga", selector=None, prune_ratio=1.0, epochs=3, copy=True,
+                              strategy_params={"lr": 1e-3, "anchor": "weights", "anchor_weight": 100.0}
+                              ).fit(forget, retain)[1]
+    assert weights["metrics"]["RA"] > plain["metrics"]["RA"]
+
+
+def test_salun_keeps_masked_weights_exactly_under_momentum_and_weight_decay(class_scenario):
+    forget, retain, _, original, _ = class_scenario
+    model = frozen_copy(original)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    strategy = SalUn(mask_ratio=0.3, lr=1e-2, optimizer="sgd", weight_decay=5e-4)
+    loader = torch.utils.data.DataLoader(forget, batch_size=32)
+    strategy.unlearn(model, loader, torch.utils.data.DataLoader(retain, batch_size=32), epochs=2)
+    moved = 0
+    for (name, p), q in zip(model.named_parameters(), original.parameters()):
+        mask = strategy.masks[name]
+        assert torch.equal(p[~mask], q[~mask]), name
+        moved += int((p[mask] != q[mask]).sum())
+    assert moved > 0
+
+
+def test_a_strategy_loss_drives_a_users_own_loop(class_scenario):
+    forget, retain, _, original, _ = class_scenario
+    model = frozen_copy(original)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    npo = NPO(lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    before = accuracy(model, forget)
+    fb = next(iter(torch.utils.data.DataLoader(forget, batch_size=64)))
+    rb = next(iter(torch.utils.data.DataLoader(retain, batch_size=64)))
+    for _ in range(20):
+        opt.zero_grad()
+        loss = npo.loss(model, fb, rb, original=original)
+        assert loss.dim() == 0 and loss.requires_grad
+        loss.backward()
+        opt.step()
+    assert accuracy(model, forget) < before
