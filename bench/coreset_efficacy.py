@@ -1,0 +1,138 @@
+"""Does unlearning a coreset of the forget set work as well as unlearning all of it, at less cost?
+
+    python bench/coreset_efficacy.py            # 3 seeds, both scenarios, both protocols
+    python bench/coreset_efficacy.py --quick    # 1 seed, one strategy: a smoke run
+
+For each scenario (forget digit class 3; forget a random 10%), strategy and seed: selectors random /
+kcenter / herding / gradnorm at prune ratios 0.1, 0.2, 0.5, and the full forget set, under two protocols:
+fixed epochs over the (sub)set (coresets cost less) and fixed optimiser steps (same cost as the full set).
+Forgetting is scored on the whole forget set and on its unselected part (UPCORE's rule), as gaps to a
+model retrained on the retain set; utility as retain (RA) and test (TA) accuracy. Cost is counted in
+forget-side sample passes and wall time. Results: mean ± std over seeds, a Pareto plot, and a plain statement
+of which selector beats random at equal compute, appended to bench/RESULTS.md
+(../shared/reference/coreset_evaluation.md gives the protocol).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE] + [_HERE]
+
+from tqdm import tqdm  # noqa: E402
+
+import harness  # noqa: E402
+
+from erasus.cli import scenario_data  # noqa: E402
+from erasus.report import pareto_plot  # noqa: E402
+from erasus.unlearner import ErasusUnlearner  # noqa: E402
+
+STRATEGIES = {"npo": {"lr": 5e-4}, "graddiff": {"lr": 5e-4}, "scrub": {}, "salun": {"lr": 1e-3}}
+SELECTORS = ["random", "kcenter", "herding", "gradnorm"]
+RATIOS = [0.1, 0.2, 0.5]
+EPOCHS = 5
+
+
+def run_one(scenario_bundle, strategy, selector, ratio, epochs, seed):
+    forget, retain, test, original, retrained = scenario_bundle
+    unlearner = ErasusUnlearner(original, strategy=strategy, selector=selector, prune_ratio=ratio,
+                                strategy_params=STRATEGIES[strategy], epochs=epochs, copy=True, seed=seed)
+    _, rep = unlearner.fit(forget, retain, test=test, retrained=retrained)
+    m, r = rep["metrics"], rep["retrained"]
+    return {"gap_UA": abs(m["UA"] - r["UA"]), "gap_UA_unselected": abs(m.get("UA_unselected", m["UA"]) - r["UA"]),
+            "RA": m["RA"], "TA": m["TA"], "gap_MIA": abs(m["MIA"] - r["MIA"]), "avg_gap": rep["avg_gap"],
+            "passes": rep["forget_sample_passes"], "time_s": rep["time_total_s"]}
+
+
+def mean_std(values):
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    harness.pin_threads()
+    seeds = list(range(args.seeds or (1 if args.quick else 3)))
+    strategies = ["npo"] if args.quick else list(STRATEGIES)
+    ratios = [0.2] if args.quick else RATIOS
+    plan = [(scen, strat, sel, ratio, proto) for scen in ("class", "random") for strat in strategies
+            for proto in ("fixed-epochs", "fixed-steps") for sel, ratio in
+            [(s, r) for s in SELECTORS for r in ratios] + [("full", 1.0)]
+            if not (sel == "full" and proto == "fixed-steps")]
+    results: dict[tuple, list[dict]] = {}
+    bundles = {}
+    with tqdm(total=len(plan) * len(seeds), desc="runs", file=sys.stderr) as bar:
+        for seed in seeds:
+            for scen in ("class", "random"):
+                bundles[scen] = scenario_data(scen, seed)
+            for scen, strat, sel, ratio, proto in plan:
+                epochs = EPOCHS if proto == "fixed-epochs" else max(EPOCHS, round(EPOCHS / ratio))
+                res = run_one(bundles[scen], strat, None if sel == "full" else sel, ratio, epochs, seed)
+                results.setdefault((scen, strat, sel, ratio, proto), []).append(res)
+                bar.update(1)
+
+    lines = [f"Seeds {seeds}; {EPOCHS} epochs over the coreset (fixed-epochs) or {EPOCHS}/ratio epochs "
+             "(fixed-steps: as many optimiser steps as the full set). Gaps are |metric - retrained|, mean ± std "
+             "over seeds; UA on the whole forget set, UA-unsel on the part the coreset left out.", "",
+             "| scenario | strategy | protocol | selector | ratio | gap UA | gap UA-unsel | RA | TA | gap MIA | "
+             "avg gap | forget passes | time s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    points = []
+    for key, runs in results.items():
+        scen, strat, sel, ratio, proto = key
+        cols = {k: mean_std([r[k] for r in runs]) for k in runs[0]}
+        lines.append(f"| {scen} | {strat} | {proto if sel != 'full' else '—'} | {sel} | {ratio} | "
+                     + " | ".join(f"{cols[k][0]:.3f} ± {cols[k][1]:.3f}" for k in
+                                  ("gap_UA", "gap_UA_unselected", "RA", "TA", "gap_MIA", "avg_gap"))
+                     + f" | {cols['passes'][0]:.0f} | {cols['time_s'][0]:.2f} |")
+        if proto == "fixed-epochs":
+            points.append({"label": f"{scen[0]}:{strat}:{sel}:{ratio}", "gap_UA": cols["gap_UA"][0],
+                           "RA": cols["RA"][0]})
+
+    # Which selector beats random at equal compute: lower mean avg gap by more than the paired spread.
+    verdict = ["", "Selector vs a random coreset of the same size (same protocol, strategy, scenario, ratio; "
+               "'beats' = mean avg-gap lower by more than the standard error of the paired difference over seeds):", ""]
+    for sel in SELECTORS[1:]:
+        wins = losses = ties = 0
+        for (scen, strat, s, ratio, proto), runs in results.items():
+            if s != sel:
+                continue
+            base = results[(scen, strat, "random", ratio, proto)]
+            diffs = [b["avg_gap"] - r["avg_gap"] for r, b in zip(runs, base)]
+            mean = statistics.mean(diffs)
+            se = (statistics.stdev(diffs) / len(diffs) ** 0.5) if len(diffs) > 1 else 0.0
+            if mean > se and mean > 0:
+                wins += 1
+            elif -mean > se and mean < 0:
+                losses += 1
+            else:
+                ties += 1
+        verdict.append(f"- {sel}: beats random in {wins}, loses in {losses}, no clear difference in {ties} of "
+                       f"{wins + losses + ties} settings.")
+    full_gap = {(scen, strat): statistics.mean(r["avg_gap"] for r in runs)
+                for (scen, strat, s, ratio, proto), runs in results.items() if s == "full"}
+    verdict.append("")
+    for (scen, strat), gap in full_gap.items():
+        best = min(((statistics.mean(r["avg_gap"] for r in runs), s, ratio, proto)
+                    for (sc, st, s, ratio, proto), runs in results.items() if sc == scen and st == strat
+                    and s != "full"))
+        verdict.append(f"- {scen}/{strat}: full forget set avg gap {gap:.3f}; best coreset {best[1]} "
+                       f"{best[2]} ({best[3]}) {best[0]:.3f}.")
+    body = "\n".join(lines + verdict)
+    print(body)
+    plot = os.path.join(_HERE, "coreset_pareto.png")
+    pareto_plot(points, plot)
+    print(f"Pareto plot: {plot}")
+    if not args.no_record:
+        harness.append_results(f"bench/coreset_efficacy.py{' --quick' if args.quick else ''}",
+                               body + "\n\nPareto plot (|UA - UA_retrained| vs RA, fixed-epochs runs): "
+                               "bench/coreset_pareto.png")
+
+
+if __name__ == "__main__":
+    main()
