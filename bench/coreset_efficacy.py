@@ -27,6 +27,7 @@ from tqdm import tqdm  # noqa: E402
 import harness  # noqa: E402
 
 from erasus.cli import scenario_data  # noqa: E402
+from erasus.metrics import accuracy  # noqa: E402
 from erasus.report import pareto_plot  # noqa: E402
 from erasus.unlearner import ErasusUnlearner  # noqa: E402
 
@@ -47,6 +48,42 @@ def run_one(scenario_bundle, strategy, selector, ratio, epochs, seed):
             "passes": rep["forget_sample_passes"], "time_s": rep["time_total_s"]}
 
 
+def attack_table(n_models: int) -> list[str]:
+    """The NeurIPS-2023 per-example forget score F on the random-10% scenario: N unlearning runs (seeds of the
+    run, one original model) against N models retrained on the retain set (seeds of the training)."""
+    import torch
+
+    from erasus.demo import retrained_model
+    from erasus.metrics import final_score, forget_score, logit_scaled_confidence, predict_logits
+
+    forget, retain, test, original, _ = scenario_data("random", 0)
+    retrained = [retrained_model(retain, "random0.1", seed=s) for s in range(n_models)]
+    f_logits = [predict_logits(m, forget) for m in retrained]
+    r_signal = torch.stack([logit_scaled_confidence(z, y) for z, y in f_logits])
+    ra_r = statistics.mean(accuracy(m, retain) for m in retrained)
+    ta_r = statistics.mean(accuracy(m, test) for m in retrained)
+    lines = ["", f"Per-example attack: NeurIPS-2023 forget score F (N = {n_models} unlearning runs vs {n_models} "
+             "retrained models, random-10% scenario, seed-0 split; epsilon buckets up to ceil(ln(N-1)); F = 1 is "
+             "indistinguishable from retraining, 0 fully distinguishable) and the final score F x RA_U/RA_R x "
+             "TA_U/TA_R.", "", "| strategy | selector | ratio | F | final score | median epsilon |", "|---|---|---|---|---|---|"]
+    configs = [("npo", None, 1.0), ("npo", "random", 0.2), ("npo", "kcenter", 0.2), ("finetune", None, 1.0)]
+    for strategy, selector, ratio in tqdm(configs, desc="attack", file=sys.stderr):
+        signals, ras, tas = [], [], []
+        for seed in range(n_models):
+            params = STRATEGIES.get(strategy, {"lr": 1e-3})
+            model, _ = ErasusUnlearner(original, strategy=strategy, selector=selector, prune_ratio=ratio,
+                                       strategy_params=params, epochs=EPOCHS, copy=True,
+                                       seed=seed).fit(forget, retain)
+            signals.append(logit_scaled_confidence(*predict_logits(model, forget)))
+            ras.append(accuracy(model, retain))
+            tas.append(accuracy(model, test))
+        score = forget_score(torch.stack(signals), r_signal)
+        final = final_score(score["F"], statistics.mean(ras), ra_r, statistics.mean(tas), ta_r)
+        lines.append(f"| {strategy} | {selector or 'full'} | {ratio} | {score['F']:.3f} | {final:.3f} | "
+                     f"{statistics.median(score['epsilons']):.2f} |")
+    return lines
+
+
 def mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -56,7 +93,17 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--attack-models", type=int, default=None,
+                        help="N for the per-example attack (default 8; 4 with --quick)")
+    parser.add_argument("--attack-only", action="store_true", help="run only the per-example attack table")
     args = parser.parse_args()
+    n_models = args.attack_models or (4 if args.quick else 8)
+    if args.attack_only:
+        body = "\n".join(attack_table(n_models)[1:])
+        print(body)
+        if not args.no_record:
+            harness.append_results("bench/coreset_efficacy.py --attack-only", body)
+        return
     harness.pin_threads()
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     strategies = ["npo"] if args.quick else list(STRATEGIES)
@@ -91,8 +138,7 @@ def main():
                                   ("gap_UA", "gap_UA_unselected", "RA", "TA", "gap_MIA", "avg_gap"))
                      + f" | {cols['passes'][0]:.0f} | {cols['time_s'][0]:.2f} |")
         if proto == "fixed-epochs":
-            points.append({"label": f"{scen[0]}:{strat}:{sel}:{ratio}", "gap_UA": cols["gap_UA"][0],
-                           "RA": cols["RA"][0]})
+            points.append({"selector": sel, "scenario": scen, "gap_UA": cols["gap_UA"][0], "RA": cols["RA"][0]})
 
     # Which selector beats random at equal compute: lower mean avg gap by more than the paired spread.
     verdict = ["", "Selector vs a random coreset of the same size (same protocol, strategy, scenario, ratio; "
@@ -123,10 +169,10 @@ def main():
                     and s != "full"))
         verdict.append(f"- {scen}/{strat}: full forget set avg gap {gap:.3f}; best coreset {best[1]} "
                        f"{best[2]} ({best[3]}) {best[0]:.3f}.")
-    body = "\n".join(lines + verdict)
+    body = "\n".join(lines + verdict + attack_table(n_models))
     print(body)
     plot = os.path.join(_HERE, "coreset_pareto.png")
-    pareto_plot(points, plot)
+    pareto_plot(points, plot, title="coreset unlearning on digits: forgetting gap vs retain accuracy")
     print(f"Pareto plot: {plot}")
     if not args.no_record:
         harness.append_results(f"bench/coreset_efficacy.py{' --quick' if args.quick else ''}",

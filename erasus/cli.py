@@ -93,7 +93,7 @@ def unlearn_from_config(path: str) -> dict:
                                 strategy_params=config.get("strategy_params"),
                                 selector_params=config.get("selector_params"), epochs=int(config.get("epochs", 5)),
                                 batch_size=int(config.get("batch_size", 32)), copy=True, seed=seed,
-                                out_dir=config.get("out_dir", "erasus-run"))
+                                out_dir=config.get("out_dir", "erasus-run"), progress=True)
     _, report = unlearner.fit(forget, retain, test=test, retrained=retrained)
     from erasus.report import markdown
 

@@ -63,18 +63,32 @@ def plot_curves(report: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def pareto_plot(runs: list[dict], path, x: str = "gap_UA", y: str = "RA", label: str = "label") -> None:
-    """Utility vs forgetting, one point per run (e.g. |UA - UA_retrained| against RA)."""
+def pareto_plot(runs: list[dict], path, x: str = "gap_UA", y: str = "RA", color: str = "selector",
+                marker: str = "scenario", title: str = "utility vs forgetting") -> None:
+    """One point per run (e.g. |UA - UA_retrained| against RA), coloured by ``color`` and shaped by ``marker``
+    (keys of each run), with the non-dominated front (low x, high y) drawn as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    colours = {v: f"C{i}" for i, v in enumerate(dict.fromkeys(r[color] for r in runs))}
+    markers = {v: m for v, m in zip(dict.fromkeys(r[marker] for r in runs), "o^sDv*")}
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for run in runs:
-        ax.scatter(run[x], run[y], s=18)
-        ax.annotate(run[label], (run[x], run[y]), fontsize=6)
-    ax.set(xlabel=x, ylabel=y, title="utility vs forgetting")
+        ax.scatter(run[x], run[y], s=22, c=colours[run[color]], marker=markers[run[marker]], alpha=0.75)
+    front, best = [], -float("inf")
+    for run in sorted(runs, key=lambda r: (r[x], -r[y])):
+        if run[y] > best:
+            front.append(run)
+            best = run[y]
+    ax.plot([r[x] for r in front], [r[y] for r in front], c="k", lw=0.8, label="non-dominated front")
+    for v, c in colours.items():
+        ax.scatter([], [], c=c, label=f"{color}: {v}")
+    for v, m in markers.items():
+        ax.scatter([], [], c="grey", marker=m, label=f"{marker}: {v}")
+    ax.set(xlabel=x, ylabel=y, title=title)
+    ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

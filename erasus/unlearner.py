@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import copy as copy_module
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from tqdm import tqdm
 
 from erasus.errors import EmptyInputError, InvalidInputError
 from erasus.metrics import accuracy, average_gap, mia_efficacy
@@ -30,6 +32,7 @@ class ErasusUnlearner:
             always evaluated on the whole forget set and, separately, on the part left out.
         strategy_params / selector_params: keyword arguments for the registered classes.
         epochs, batch_size, seed: the unlearning loop's passes over the coreset, batch size and shuffling seed.
+        progress: show a tqdm bar of the unlearning steps.
         out_dir: if given, ``fit`` writes report.json, report.md, PNG plots and the unlearned weights
             (model.safetensors) there.
 
@@ -47,7 +50,8 @@ class ErasusUnlearner:
 
     def __init__(self, model: nn.Module, strategy="npo", selector="kcenter", prune_ratio: float = 0.2, *,
                  strategy_params: dict | None = None, selector_params: dict | None = None, epochs: int = 5,
-                 batch_size: int = 32, copy: bool = False, seed: int = 0, out_dir: str | Path | None = None):
+                 batch_size: int = 32, copy: bool = False, seed: int = 0, out_dir: str | Path | None = None,
+                 progress: bool = False):
         if not isinstance(model, nn.Module):
             raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not 0 < prune_ratio <= 1:
@@ -57,7 +61,7 @@ class ErasusUnlearner:
         self.selector = (get_selector(selector, **(selector_params or {})) if isinstance(selector, str)
                          else selector)
         self.prune_ratio, self.epochs, self.batch_size = prune_ratio, epochs, batch_size
-        self.copy, self.seed, self.out_dir = copy, seed, out_dir
+        self.copy, self.seed, self.out_dir, self.progress = copy, seed, out_dir, progress
 
     def fit(self, forget, retain, *, epochs: int | None = None, test=None, retrained: nn.Module | None = None,
             snapshot_every: int = 1) -> tuple[nn.Module, dict]:
@@ -84,9 +88,15 @@ class ErasusUnlearner:
                                    generator=torch.Generator().manual_seed(self.seed + 1))
         curves = {"step": [], "loss": [], "epoch": [], "forget_acc": [], "retain_acc": []}
 
+        label = getattr(self.strategy, "name", type(self.strategy).__name__)
+        bar = tqdm(total=epochs * len(forget_loader), desc=f"unlearning ({label})", unit="step",
+                   disable=not self.progress, file=sys.stderr)
+
         def on_step(info):
             curves["step"].append(info["step"])
             curves["loss"].append(info["loss"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{info['loss']:.4g}")
 
         def on_epoch(epoch):
             curves["epoch"].append(epoch + 1)
@@ -98,6 +108,7 @@ class ErasusUnlearner:
         log = self.strategy.unlearn(model, forget_loader, retain_loader, epochs=epochs, original=original,
                                     on_step=on_step, on_epoch=on_epoch, guard=guard)
         t_unlearn = time.perf_counter() - t0
+        bar.close()
         model.eval()
 
         metrics = {"UA": 1 - accuracy(model, forget_ds), "RA": accuracy(model, retain_ds)}

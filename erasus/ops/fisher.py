@@ -10,6 +10,7 @@ from erasus.errors import EmptyInputError, InvalidInputError, NonFiniteError
 from erasus.ops import _backend, _capture, _cpp
 from erasus.ops._validate import all_finite
 from erasus.ops.grad_norms import THIN, _check_pair
+from erasus.ops.model_grad_norms import conv_as_linear, token_grad_sums
 
 BACKENDS = ("reference", "cpp", "triton")
 
@@ -225,23 +226,14 @@ def transposed_linear_fisher(module, inputs, grad, backend):
 
 @register_fisher_sampler(nn.Embedding)
 def embedding_fisher(module, inputs, grad, backend):
-    ids = inputs[0].reshape(grad.shape[0], -1)
-    g = grad.reshape(ids.shape[0], ids.shape[1], -1).float()
-    if module.padding_idx is not None:
-        g = g * (ids != module.padding_idx).unsqueeze(-1)
-    keys = torch.arange(ids.shape[0], device=ids.device)[:, None] * module.num_embeddings + ids
-    uniq, inverse = torch.unique(keys.reshape(-1), return_inverse=True)
-    sums = torch.zeros(uniq.numel(), g.shape[-1], device=g.device).index_add_(0, inverse, g.reshape(-1, g.shape[-1]))
-    weight = torch.zeros(module.num_embeddings, g.shape[-1], device=g.device)
-    weight.index_add_(0, uniq % module.num_embeddings, sums.square())
+    _, token, sums = token_grad_sums(module, inputs, grad)
+    weight = torch.zeros(module.num_embeddings, sums.shape[-1], device=sums.device).index_add_(0, token, sums.square())
     return _capture.own_trainable(module, {"weight": weight})
 
 
 @register_fisher_sampler(nn.Conv1d, nn.Conv2d)
 def conv_fisher(module, inputs, grad, backend):
-    from erasus.ops.model_grad_norms import _conv_as_linear
-
-    a, g = _conv_as_linear(module, inputs[0], grad)
+    a, g = conv_as_linear(module, inputs[0], grad)
     if a.dtype != g.dtype:
         a, g = a.float(), g.float()
     res = squares_unchecked(a, g, backend)

@@ -144,22 +144,28 @@ def linear_norms(module, inputs, grad, backend):
     return _weight_bias(module, res.weight, res.bias)
 
 
-@register_norm_sampler(nn.Embedding)
-def embedding_norms(module, inputs, grad, backend):
-    # ||grad_E_i||^2 = sum over distinct tokens v of sample i of ||sum_{t: x_t = v} g_t||^2, via one
-    # index_add over (sample, token) keys: O(B T p), no T x T mask and no V x p buffer.
+def token_grad_sums(module: nn.Embedding, inputs: tuple, grad: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per (sample, token) sums of an embedding's output gradients: ``sum_{t: x_t = v} g_t`` for each distinct
+    token v of each sample -- exactly the non-zero rows of the per-sample embedding gradients -- via one
+    index_add, O(B T p), with no T x T mask and no V x p buffer. Returns (sample index, token id, sums)."""
     ids = inputs[0].reshape(grad.shape[0], -1)
     g = grad.reshape(ids.shape[0], ids.shape[1], -1).float()
     if module.padding_idx is not None:
         g = g * (ids != module.padding_idx).unsqueeze(-1)
-    batch = ids.shape[0]
-    keys = torch.arange(batch, device=ids.device)[:, None] * module.num_embeddings + ids
+    keys = torch.arange(ids.shape[0], device=ids.device)[:, None] * module.num_embeddings + ids
     uniq, inverse = torch.unique(keys.reshape(-1), return_inverse=True)
     sums = torch.zeros(uniq.numel(), g.shape[-1], device=g.device).index_add_(0, inverse, g.reshape(-1, g.shape[-1]))
-    return torch.zeros(batch, device=g.device).index_add_(0, uniq // module.num_embeddings, sums.square().sum(1))
+    return uniq // module.num_embeddings, uniq % module.num_embeddings, sums
 
 
-def _conv_as_linear(module, x: torch.Tensor, grad: torch.Tensor):
+@register_norm_sampler(nn.Embedding)
+def embedding_norms(module, inputs, grad, backend):
+    sample, _, sums = token_grad_sums(module, inputs, grad)
+    return torch.zeros(grad.shape[0], device=sums.device).index_add_(0, sample, sums.square().sum(1))
+
+
+def conv_as_linear(module, x: torch.Tensor, grad: torch.Tensor):
     """Unfold a convolution into a linear map over output positions: (B, L, C_in k) and (B, L, C_out)."""
     if module.groups != 1:
         raise UnsupportedLayerError(f"{type(module).__name__} with groups={module.groups} is not supported")
@@ -177,7 +183,7 @@ def _conv_as_linear(module, x: torch.Tensor, grad: torch.Tensor):
 
 @register_norm_sampler(nn.Conv1d, nn.Conv2d)
 def conv_norms(module, inputs, grad, backend):
-    a, g = _conv_as_linear(module, inputs[0], grad)
+    a, g = conv_as_linear(module, inputs[0], grad)
     a, g = _common_dtype(a, g)
     res = norms_unchecked(a, g, backend=backend)
     return _weight_bias(module, res.weight, res.bias)

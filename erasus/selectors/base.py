@@ -8,6 +8,7 @@ from typing import Callable, ClassVar
 
 import torch
 
+from erasus import registry
 from erasus.errors import InvalidInputError
 from erasus.selectors.features import extract_features
 
@@ -16,9 +17,7 @@ SELECTORS: dict[str, type["Selector"]] = {}
 
 def get_selector(name: str, **params) -> "Selector":
     """Build a registered selector by name, e.g. ``get_selector("kcenter", metric="cosine")``."""
-    if name not in SELECTORS:
-        raise InvalidInputError(f"unknown selector {name!r}; registered: {sorted(SELECTORS)}")
-    return SELECTORS[name](**params)
+    return registry.build(SELECTORS, "selector", name, params)
 
 
 def resolve_k(n: int, k, ratio) -> int:
@@ -46,11 +45,7 @@ class Selector(abc.ABC):
 
     def __init_subclass__(cls, name: str | None = None, **kwargs):
         super().__init_subclass__(**kwargs)
-        if name is not None:
-            if name in SELECTORS:
-                raise InvalidInputError(f"selector name {name!r} is already registered to {SELECTORS[name]}")
-            cls.name = name
-            SELECTORS[name] = cls
+        registry.register(SELECTORS, "selector", cls, name)
 
     def __init__(self, *, embed: Callable[[object], torch.Tensor] | None = None, layer: str | None = None,
                  batch_size: int = 256):

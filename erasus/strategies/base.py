@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from erasus import registry
 from erasus.errors import InvalidInputError
 from erasus.losses import output_anchor_loss, weight_anchor_loss
 from erasus.strategies.guard import GuardTripped, TrainingGuard
@@ -23,9 +24,8 @@ ANCHORS = (None, "outputs", "weights")
 
 
 def get_strategy(name: str, **params) -> "Strategy":
-    if name not in STRATEGIES:
-        raise InvalidInputError(f"unknown strategy {name!r}; registered: {sorted(STRATEGIES)}")
-    return STRATEGIES[name](**params)
+    """Build a registered strategy by name, e.g. ``get_strategy("npo", beta=0.1)``."""
+    return registry.build(STRATEGIES, "strategy", name, params)
 
 
 class Strategy(abc.ABC):
@@ -35,11 +35,7 @@ class Strategy(abc.ABC):
 
     def __init_subclass__(cls, name: str | None = None, **kwargs):
         super().__init_subclass__(**kwargs)
-        if name is not None:
-            if name in STRATEGIES:
-                raise InvalidInputError(f"strategy name {name!r} is already registered")
-            cls.name = name
-            STRATEGIES[name] = cls
+        registry.register(STRATEGIES, "strategy", cls, name)
 
     @abc.abstractmethod
     def unlearn(self, model: nn.Module, forget, retain=None, *, epochs: int = 1, original: nn.Module | None = None,

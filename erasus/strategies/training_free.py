@@ -1,6 +1,7 @@
 """Training-free strategies on diagonal Fisher importances: SSD and Fisher forgetting."""
 from __future__ import annotations
 
+import abc
 import itertools
 
 import torch
@@ -16,32 +17,49 @@ def _ce(model, batch):
     return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
 
 
-class SSD(Strategy, name="ssd"):
-    """Selective Synaptic Dampening (Foster et al. 2024), written from the paper: importances are SSD's
-    squared mini-batch gradients (``fisher_diagonal(mode="batch_squared")``) on the forget set (I_f) and on
-    all training data, retain plus forget (I_D). Weights with ``I_f > alpha * I_D`` are scaled by
-    ``min(lam * I_D / I_f, 1)``. One pass, no training; ``epochs`` is ignored."""
+class TrainingFreeStrategy(Strategy):
+    """A one-shot edit of the weights from importances computed in eval mode; ``epochs`` is ignored. The guard
+    checks the edited weights (and restores them if the edit produced NaN or exploding values)."""
 
     needs_retain = True
     training_free = True
+
+    def unlearn(self, model, forget, retain=None, *, epochs=1, original=None, on_step=None, on_epoch=None,
+                guard=None):
+        if retain is None:
+            raise InvalidInputError(f"{type(self).__name__} needs retain data")
+        guard = guard or TrainingGuard(model)
+        was_training = model.training
+        model.eval()
+        try:
+            log = {"steps": 0, "stopped": None, **self.edit(model, forget, retain)}
+        finally:
+            model.train(was_training)
+        try:
+            guard.check(torch.tensor(0.0))
+        except GuardTripped as exc:
+            log["stopped"] = str(exc)
+        return log
+
+    @abc.abstractmethod
+    def edit(self, model, forget, retain) -> dict:
+        """Change the weights in place; return extra entries for the log."""
+
+
+class SSD(TrainingFreeStrategy, name="ssd"):
+    """Selective Synaptic Dampening (Foster et al. 2024), written from the paper: importances are SSD's
+    squared mini-batch gradients (``fisher_diagonal(mode="batch_squared")``) on the forget set (I_f) and on
+    all training data, retain plus forget (I_D). Weights with ``I_f > alpha * I_D`` are scaled by
+    ``min(lam * I_D / I_f, 1)``. One pass, no training."""
 
     def __init__(self, alpha: float = 10.0, lam: float = 1.0):
         if not alpha > 0 or not lam > 0:
             raise InvalidInputError(f"alpha and lam must be positive, got {alpha!r}, {lam!r}")
         self.alpha, self.lam = alpha, lam
 
-    def unlearn(self, model, forget, retain=None, *, epochs=1, original=None, on_step=None, on_epoch=None,
-                guard=None):
-        if retain is None:
-            raise InvalidInputError("SSD needs retain data (its importance I_D is over all training data)")
-        guard = guard or TrainingGuard(model)
-        was_training = model.training
-        model.eval()
-        try:
-            imp_f = fisher_diagonal(model, forget, mode="batch_squared", loss_fn=_ce)
-            imp_d = fisher_diagonal(model, itertools.chain(retain, forget), mode="batch_squared", loss_fn=_ce)
-        finally:
-            model.train(was_training)
+    def edit(self, model, forget, retain):
+        imp_f = fisher_diagonal(model, forget, mode="batch_squared", loss_fn=_ce)
+        imp_d = fisher_diagonal(model, itertools.chain(retain, forget), mode="batch_squared", loss_fn=_ce)
         dampened = 0
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -51,38 +69,21 @@ class SSD(Strategy, name="ssd"):
                 factor = (self.lam * imp_d[name] / imp_f[name].clamp(min=1e-30)).clamp(max=1.0)
                 p.mul_(torch.where(selected, factor, torch.ones_like(factor)).to(p.dtype))
                 dampened += int(selected.sum())
-        log = {"steps": 0, "stopped": None, "dampened_weights": dampened}
-        try:
-            guard.check(torch.tensor(0.0))
-        except GuardTripped as exc:
-            log["stopped"] = str(exc)
-        return log
+        return {"dampened_weights": dampened}
 
 
-class FisherForgetting(Strategy, name="fisher"):
+class FisherForgetting(TrainingFreeStrategy, name="fisher"):
     """Fisher forgetting (Golatkar et al. 2020, the diagonal form): add Gaussian noise to each weight with
     variance ``alpha / F_r`` (capped at ``max_std**2``), where F_r is the empirical diagonal Fisher of the
-    retain set: weights the retain data does not pin down are scrambled. One pass; ``epochs`` is ignored."""
-
-    needs_retain = True
-    training_free = True
+    retain set: weights the retain data does not pin down are scrambled. One pass, no training."""
 
     def __init__(self, alpha: float = 1e-6, max_std: float = 0.05, seed: int = 0):
         if not alpha > 0 or not max_std > 0:
             raise InvalidInputError("alpha and max_std must be positive")
         self.alpha, self.max_std, self.seed = alpha, max_std, seed
 
-    def unlearn(self, model, forget, retain=None, *, epochs=1, original=None, on_step=None, on_epoch=None,
-                guard=None):
-        if retain is None:
-            raise InvalidInputError("Fisher forgetting needs retain data")
-        guard = guard or TrainingGuard(model)
-        was_training = model.training
-        model.eval()
-        try:
-            fisher = fisher_diagonal(model, retain, mode="empirical", loss_fn=_ce)
-        finally:
-            model.train(was_training)
+    def edit(self, model, forget, retain):
+        fisher = fisher_diagonal(model, retain, mode="empirical", loss_fn=_ce)
         generator = torch.Generator().manual_seed(self.seed)
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -90,9 +91,4 @@ class FisherForgetting(Strategy, name="fisher"):
                     std = (self.alpha / fisher[name].clamp(min=1e-12)).sqrt().clamp(max=self.max_std)
                     noise = torch.randn(p.shape, generator=generator).to(p.device)
                     p.add_((std * noise).to(p.dtype))
-        log = {"steps": 0, "stopped": None}
-        try:
-            guard.check(torch.tensor(0.0))
-        except GuardTripped as exc:
-            log["stopped"] = str(exc)
-        return log
+        return {}
