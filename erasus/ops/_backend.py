@@ -14,6 +14,7 @@ import functools
 import importlib
 import os
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -35,6 +36,11 @@ def _probe(name: str) -> tuple[bool, str]:
         try:
             ext = importlib.import_module("erasus._C")
         except ImportError as exc:
+            package = Path(__file__).resolve().parents[1]
+            if (package.parent / "CMakeLists.txt").exists():
+                return False, (f"erasus was imported from its source tree ({package}), which has no compiled "
+                               "extension: run from another directory (or use the `erasus` command) so that the "
+                               "installed package is imported")
             return False, f"compiled extension erasus._C not importable ({exc}); reinstall erasus from source"
         threads = ext.max_threads()
         return True, f"erasus._C, OpenMP {'on' if ext.openmp else 'off'}, {threads} thread(s), CPU tensors"
