@@ -49,7 +49,8 @@ def squares_unchecked(a: torch.Tensor, g: torch.Tensor, backend: str | None = No
     """:func:`squared_grad_sum` on inputs already checked ((B, T, d), (B, T, p), one dtype, finite)."""
     batch, steps, d = a.shape
     p = g.shape[2]
-    cpu_order = ("cpp", "reference") if min(d, p) <= THIN else ("reference",)  # measured, see grad_norms.THIN
+    dense = a.is_contiguous() and g.is_contiguous()  # as in grad_norms: C++ only where it needs no copy
+    cpu_order = ("cpp", "reference") if dense and min(d, p) <= THIN else ("reference",)
     name = _backend.resolve("squared_grad_sum", BACKENDS, a.device, backend,
                             preferred={**_backend.PREFERRED, "cpu": cpu_order})
     if name != "reference":

@@ -76,8 +76,10 @@ def norms_unchecked(a: torch.Tensor, g: torch.Tensor, path: str = "auto", backen
     if path == "auto":
         path = choose_path(steps, d, p)
     # On the CPU the C++ kernel wins the T = 1 row norms and thin layers (one side <= 64, e.g. LoRA factors);
-    # for wide GEMM-shaped work torch's BLAS wins (bench/RESULTS.md, layer-level table).
-    cpu_order = ("cpp", "reference") if path == "outer" or min(d, p) <= THIN else ("reference",)
+    # for wide GEMM-shaped work torch's BLAS wins (bench/RESULTS.md, layer-level table). Strided inputs (the
+    # unfolded input of a convolution) would need a copy for C++, while torch's bmm reads them in place.
+    dense = a.is_contiguous() and g.is_contiguous()
+    cpu_order = ("cpp", "reference") if dense and (path == "outer" or min(d, p) <= THIN) else ("reference",)
     name = _backend.resolve("per_sample_grad_norms", BACKENDS, a.device, backend,
                             preferred={**_backend.PREFERRED, "cpu": cpu_order})
     if batch == 0 or steps == 0 or d == 0 or p == 0:

@@ -78,6 +78,17 @@ def test_classifier_mlp_and_cnn_match_the_per_sample_loop(backend):
                                loop_norms(model, ce, (x, y)), rtol=1e-4, atol=1e-6)
 
 
+def test_wide_convolutions_use_grouped_weight_gradients_and_match_the_loop():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1, stride=2, dilation=1), nn.ReLU(), nn.Flatten(1, 2),
+                          nn.Conv1d(8 * 4, 5, 3, padding=2, dilation=2), nn.Flatten(), nn.Linear(5 * 4, 3)).eval()
+    x, y = torch.randn(5, 16, 7, 8), torch.randint(0, 3, (5,))
+    torch.testing.assert_close(erasus.ops.grad_norms(model, ce, (x, y)).double(), loop_norms(model, ce, (x, y)),
+                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(erasus.ops.grad_norms(model, ce, (x, y), backend="cpp").double(),
+                               loop_norms(model, ce, (x, y)), rtol=1e-4, atol=1e-6)
+
+
 def test_conv1d_and_embedding_classifier():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Embedding(20, 6, padding_idx=0), Transpose(), nn.Conv1d(6, 5, 3, padding=1, stride=2),
