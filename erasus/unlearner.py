@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy as copy_module
+import inspect
 import math
 import sys
 import time
@@ -14,8 +15,8 @@ from tqdm import tqdm
 
 from erasus.errors import EmptyInputError, InvalidInputError
 from erasus.metrics import accuracy, average_gap, mia_efficacy
-from erasus.selectors import get_selector
-from erasus.strategies import TrainingGuard, frozen_copy, get_strategy
+from erasus.selectors import SELECTORS, get_selector
+from erasus.strategies import STRATEGIES, TrainingGuard, frozen_copy, get_strategy
 
 
 class ErasusUnlearner:
@@ -57,9 +58,10 @@ class ErasusUnlearner:
         if not 0 < prune_ratio <= 1:
             raise InvalidInputError(f"prune_ratio must be in (0, 1], got {prune_ratio!r}")
         self.model = model
-        self.strategy = get_strategy(strategy, **(strategy_params or {})) if isinstance(strategy, str) else strategy
-        self.selector = (get_selector(selector, **(selector_params or {})) if isinstance(selector, str)
-                         else selector)
+        self.strategy = (get_strategy(strategy, **_seeded(STRATEGIES, strategy, strategy_params, seed))
+                         if isinstance(strategy, str) else strategy)
+        self.selector = (get_selector(selector, **_seeded(SELECTORS, selector, selector_params, seed))
+                         if isinstance(selector, str) else selector)
         self.prune_ratio, self.epochs, self.batch_size = prune_ratio, epochs, batch_size
         self.copy, self.seed, self.out_dir, self.progress = copy, seed, out_dir, progress
 
@@ -155,6 +157,15 @@ class ErasusUnlearner:
             ref["TA"] = accuracy(model, test_ds)
             ref["MIA"] = mia_efficacy(model, retain_ds, test_ds, forget_ds)
         return ref
+
+
+def _seeded(registry: dict, name: str, params: dict | None, seed: int) -> dict:
+    """The run's seed goes to a registered class that takes one, unless the caller set it."""
+    params = dict(params or {})
+    cls = registry.get(name)
+    if cls is not None and "seed" in inspect.signature(cls.__init__).parameters:
+        params.setdefault("seed", seed)
+    return params
 
 
 class CountingLoader:

@@ -60,7 +60,7 @@ class FineTune(GradientStrategy, name="finetune"):
 class SCRUB(GradientStrategy, name="scrub"):
     """SCRUB (Kurmanji et al. 2023), written from the paper: the student (the model) starts at the teacher
     (the original). Each epoch: while ``epoch < max_steps``, one pass over the forget set maximising
-    ``KL(teacher || student)`` (max-steps); then as many retain batches as forget batches minimising
+    ``KL(teacher || student)`` (max-steps); then one pass over the retain set minimising
     ``gamma * CE + alpha * KL`` (min-steps). ``temperature`` as DistillKL (4). The KL's gradient is zero
     while student and teacher agree, so the first max-steps move little; the default lr (5e-3) is the one
     that forgets on the digits demo."""
@@ -83,7 +83,6 @@ class SCRUB(GradientStrategy, name="scrub"):
         return -distill_kl(model(x), teacher, self.temperature).mean()
 
     def end_epoch(self, model, epoch, retain, opt, guard, log):
-        batches = 0
         for batch in retain:
             x, y = batch[0], batch[1]
             with torch.no_grad():
@@ -95,7 +94,6 @@ class SCRUB(GradientStrategy, name="scrub"):
             opt.step()
             log["steps"] += 1
             guard.check(loss.detach())
-            batches += 1
 
 
 class SalUn(GradientStrategy, name="salun"):

@@ -1,3 +1,4 @@
+import peft
 import pytest
 import torch
 from torch import nn
@@ -84,6 +85,15 @@ def test_language_model_fisher_matches_the_loop():
     model = tiny_llama()
     assert_fisher_close(erasus.ops.fisher_diagonal(model, [lm_batch()], loss_fn=lm_loss),
                         loop_fisher(model, lm_loss, [lm_batch()]))
+    lora = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                             lora_dropout=0.0))
+    for module in lora.modules():
+        if hasattr(module, "lora_B"):
+            nn.init.normal_(module.lora_B["default"].weight, std=0.1)
+    lora.eval()
+    got = erasus.ops.fisher_diagonal(lora, [lm_batch()], loss_fn=lm_loss)
+    assert got and all("lora_" in name for name in got)
+    assert_fisher_close(got, loop_fisher(lora, lm_loss, [lm_batch()]))
     untied = tiny_gpt2(tied=False)
     assert_fisher_close(erasus.ops.fisher_diagonal(untied, [lm_batch()], loss_fn=lm_loss),
                         loop_fisher(untied, lm_loss, [lm_batch()]))
