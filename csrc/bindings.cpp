@@ -121,14 +121,23 @@ void herding(const py::array& x, const std::string& elem_name, py::array& out, p
   dispatch(elem, [&](auto* tag) { erasus::herding(data_as(x, tag), n, d, k, out_ptr, sel_ptr); });
 }
 
+struct LayerDims {
+  int64_t batch, steps, d, p;
+};
+
+// The inputs (batch, steps, d_in) and output gradients (batch, steps, d_out) of one linear layer.
+LayerDims check_layer_pair(const py::array& a, const py::array& g, Elem elem) {
+  check_floats(a, "a", 3, "(batch, steps, d_in)", elem);
+  check_floats(g, "g", 3, "(batch, steps, d_out)", elem);
+  if (g.shape(0) != a.shape(0) || g.shape(1) != a.shape(1))
+    throw ArrayShapeError("a and g must agree on (batch, steps)");
+  return {a.shape(0), a.shape(1), a.shape(2), g.shape(2)};
+}
+
 void per_sample_grad_norms(const py::array& a, const py::array& g, const std::string& elem_name, int path,
                            py::array& weight_out, py::array& bias_out) {
   const Elem elem = parse_elem(elem_name);
-  check_floats(a, "a", 3, "(batch, steps, d_in)", elem);
-  check_floats(g, "g", 3, "(batch, steps, d_out)", elem);
-  const int64_t batch = a.shape(0), steps = a.shape(1), d = a.shape(2), p = g.shape(2);
-  if (g.shape(0) != batch || g.shape(1) != steps)
-    throw ArrayShapeError("a and g must agree on (batch, steps)");
+  const auto [batch, steps, d, p] = check_layer_pair(a, g, elem);
   if (path < 0 || path > 2) throw ArrayShapeError("path must be 0 (outer), 1 (ghost) or 2 (materialize)");
   if (path == 0 && steps != 1) throw ArrayShapeError("path 0 (outer) needs steps == 1");
   check_vector<float>(weight_out, "weight_out", batch, true);
@@ -145,11 +154,7 @@ void per_sample_grad_norms(const py::array& a, const py::array& g, const std::st
 void squared_grad_sum(const py::array& a, const py::array& g, const std::string& elem_name, py::array& weight_out,
                       py::array& bias_out) {
   const Elem elem = parse_elem(elem_name);
-  check_floats(a, "a", 3, "(batch, steps, d_in)", elem);
-  check_floats(g, "g", 3, "(batch, steps, d_out)", elem);
-  const int64_t batch = a.shape(0), steps = a.shape(1), d = a.shape(2), p = g.shape(2);
-  if (g.shape(0) != batch || g.shape(1) != steps)
-    throw ArrayShapeError("a and g must agree on (batch, steps)");
+  const auto [batch, steps, d, p] = check_layer_pair(a, g, elem);
   check_floats(weight_out, "weight_out", 2, "(d_out, d_in)", Elem::f32);
   if (weight_out.shape(0) != p || weight_out.shape(1) != d)
     throw ArrayShapeError("weight_out must have shape (d_out, d_in)");

@@ -65,3 +65,19 @@ def test_bad_shapes_and_read_only_outputs_are_refused():
         _cpp.call("kcenter_greedy", x, "float32", init, out, md)
     with pytest.raises(errors.ShapeError, match="x must have at least one row"):
         _cpp.call("herding", np.empty((0, 3), np.float32), "float32", np.empty(1, np.int64), np.empty(0, np.uint8))
+
+
+def test_layer_kernels_refuse_mismatched_or_strided_arrays():
+    a = np.zeros((2, 3, 4), np.float32)
+    g = np.zeros((2, 3, 5), np.float32)
+    w, b = np.empty(2, np.float32), np.empty(2, np.float32)
+    with pytest.raises(errors.ShapeError, match="a and g must agree"):
+        _cpp.call("per_sample_grad_norms", a, g[:, :2].copy(), "float32", 1, w, b)
+    with pytest.raises(errors.LayoutError, match="g must be C-contiguous"):
+        _cpp.call("per_sample_grad_norms", a, np.zeros((2, 5, 3), np.float32).transpose(0, 2, 1), "float32", 1, w, b)
+    with pytest.raises(errors.ShapeError, match="needs steps == 1"):
+        _cpp.call("per_sample_grad_norms", a, g, "float32", 0, w, b)
+    with pytest.raises(errors.DTypeError, match="a has numpy dtype"):
+        _cpp.call("squared_grad_sum", a.astype(np.float64), g, "float32", np.zeros((5, 4), np.float32), b[:1])
+    with pytest.raises(errors.ShapeError, match="weight_out must have shape"):
+        _cpp.call("squared_grad_sum", a, g, "float32", np.zeros((4, 5), np.float32), np.zeros(5, np.float32))
