@@ -107,6 +107,54 @@ def check(op: str, impls: dict, x: torch.Tensor) -> None:
             raise SystemExit(f"{op}: {name} disagrees with the reference on n={x.shape[0]}; not timing it")
 
 
+def gradient_selector_rows(quick: bool, repeats: int) -> list[str]:
+    """The gradient selectors' scoring: the factorised last-layer Gram (CRAIG / facility location) against the
+    materialised [e, e (x) h] gradients DeepCore builds, and whole-model GraNd scores (erasus.ops.grad_norms)
+    against a per-sample backward loop. Checked against each other first, then timed interleaved."""
+    from torch import nn
+
+    from erasus.ops import grad_norms, last_layer_grad_gram
+
+    n, classes, d = (500, 10, 128) if quick else (2000, 100, 512)
+    g = torch.Generator().manual_seed(0)
+    errors, feats = torch.randn(n, classes, generator=g), torch.randn(n, d, generator=g)
+
+    def materialised():
+        grads = torch.cat([errors, (errors[:, :, None] * feats[:, None, :]).reshape(n, -1)], dim=1)
+        return grads @ grads.T
+
+    ref = materialised()
+    assert torch.allclose(last_layer_grad_gram(errors, feats), ref, rtol=1e-3, atol=1e-5 * float(ref.abs().max()))
+    times = harness.interleaved({"factorised": lambda: last_layer_grad_gram(errors, feats),
+                                 "materialised": materialised}, torch.device("cpu"), repeats)
+    t_f, t_m = (harness.quantiles(times[k])[0] for k in ("factorised", "materialised"))
+    lines = ["", "Gradient selectors (CPU):", "",
+             "| scoring | shape | ours ms | baseline | baseline ms | speedup | extra memory |", "|---|---|---|---|---|---|---|",
+             f"| last-layer gradient Gram (CRAIG / facility location) | n={n}, C={classes}, d={d} | {t_f * 1e3:.1f} | "
+             f"materialised [e, e(x)h] (DeepCore) | {t_m * 1e3:.1f} | {t_m / t_f:.0f}x | "
+             f"{4 * n * classes * (d + 1) / 1e6:.0f} MB avoided |"]
+    batch = 64 if quick else 256
+    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)).eval()
+    x, y = torch.randn(batch, 512, generator=g), torch.randint(0, 10, (batch,), generator=g)
+
+    def loss(m, b):
+        return nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    def loop():
+        params = list(model.parameters())
+        return torch.stack([sum(gr.square().sum() for gr in torch.autograd.grad(loss(model, (x[i:i + 1], y[i:i + 1]))[0],
+                                                                                  params)) for i in range(batch)]).sqrt()
+
+    assert torch.allclose(grad_norms(model, loss, (x, y)), loop(), rtol=1e-3)
+    times = harness.interleaved({"ours": lambda: grad_norms(model, loss, (x, y)), "loop": loop},
+                                torch.device("cpu"), repeats)
+    t_o, t_l = (harness.quantiles(times[k])[0] for k in ("ours", "loop"))
+    lines.append(f"| GraNd scores, whole model (GradNormSelector) | MLP 512-512-512-10, {batch} samples | "
+                 f"{t_o * 1e3:.1f} | per-sample backward loop | {t_l * 1e3:.1f} | {t_l / t_o:.0f}x | no per-sample "
+                 "gradients |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small grid (n = 2000, d = 128)")
@@ -114,6 +162,8 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=500,
                         help="time at most this many selection steps per call (ms/step is reported)")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    parser.add_argument("--only", choices=("coreset", "gradient"), default=None,
+                        help="run only the coreset ops or only the gradient selectors")
     args = parser.parse_args()
     threads = harness.pin_threads()
     repeats = args.repeats or (5 if args.quick else 3)
@@ -123,6 +173,13 @@ def main() -> None:
     available = erasus.ops.backends()
 
     print(f"Machine: {harness.machine_name()}; {threads} threads; {harness.versions()}")
+    if args.only == "gradient":
+        lines = gradient_selector_rows(args.quick, repeats)
+        print("\n".join(lines))
+        if not args.no_record:
+            harness.append_results(f"bench/selectors.py --only gradient{' --quick' if args.quick else ''}",
+                                   "\n".join(lines[1:]))
+        return
     bandwidth = {dev.type: harness.read_bandwidth_gbs(dev) for dev in devices}
     for dev, bw in bandwidth.items():
         print(f"Measured read bandwidth ({dev}): {bw:.1f} GB/s")
@@ -154,6 +211,8 @@ def main() -> None:
             rows.append((dev, op, n, k, steps, impls, times, ours))
 
     lines = report(rows, d, bandwidth)
+    if args.only is None:
+        lines += gradient_selector_rows(args.quick, repeats)
     print("\n".join(lines))
     print("\nReading the table: 'vs ours' is the time of that row divided by ours (>1: ours is faster).")
     if not args.no_record:
