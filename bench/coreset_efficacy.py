@@ -58,7 +58,8 @@ def attack_table(n_models: int) -> list[str]:
     from erasus.metrics import final_score, forget_score, logit_scaled_confidence, predict_logits
 
     forget, retain, test, original, _ = scenario_data("random", 0)
-    retrained = [retrained_model(retain, "random0.1", seed=s) for s in range(n_models)]
+    # every retrained model sees the same (seed-0) retain set; only its training seed differs
+    retrained = [retrained_model(retain, "random0.1-split0", seed=s) for s in range(n_models)]
     f_logits = [predict_logits(m, forget) for m in retrained]
     r_signal = torch.stack([logit_scaled_confidence(z, y) for z, y in f_logits])
     ra_r = statistics.mean(accuracy(m, retain) for m in retrained)

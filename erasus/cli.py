@@ -34,7 +34,7 @@ def scenario_data(scenario: str, seed: int = 0, forget_class: int = 3, forget_fr
     if scenario == "class":
         test = Subset(test, (test.tensors[1] != forget_class).nonzero().flatten().tolist())
     key = f"class{forget_class}" if scenario == "class" else f"random{forget_fraction}"
-    return forget, retain, test, original_model(train, seed), retrained_model(retain, key, seed)
+    return forget, retain, test, original_model(train, seed), retrained_model(retain, f"{key}-split{seed}", seed)
 
 
 def demo(out_dir: str | None = None) -> list[dict]:

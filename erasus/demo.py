@@ -75,5 +75,7 @@ def original_model(train: TensorDataset, seed: int = 0, epochs: int = 30) -> nn.
 
 
 def retrained_model(retain, key: str, seed: int = 0, epochs: int = 30) -> nn.Module:
+    """A model trained from scratch on ``retain`` (the gold standard). ``key`` must name the retain set (the
+    scenario and its split), since the weights are cached under it and ``seed``."""
     return cached_model(f"digits-mlp-retrain-{key}-s{seed}-e{epochs}", lambda: digits_mlp(seed + 1000),
                         lambda m: train_classifier(m, retain, epochs=epochs, seed=seed + 1000))
