@@ -5,21 +5,23 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from erasus._device import model_device
 from erasus.errors import EmptyInputError
 
 
 def predict_logits(model: nn.Module, data, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) over ``data`` (a Dataset or DataLoader of ``(inputs, labels)``), in eval mode under
-    ``no_grad``; the model's mode is restored."""
+    ``no_grad``, on the CPU whatever the model's device; the model's mode is restored."""
     loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size, shuffle=False)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     logits, labels = [], []
     try:
         with torch.no_grad():
             for x, y in loader:
-                logits.append(model(x).float())
-                labels.append(y)
+                logits.append(model(x.to(device)).float().cpu())
+                labels.append(y.cpu())
     finally:
         model.train(was_training)
     if not logits:

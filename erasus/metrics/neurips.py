@@ -21,11 +21,13 @@ STEPS_PER_UNIT = 100
 
 
 def logit_scaled_confidence(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``log p_y - log sum_{j != y} p_j``, computed stably (LiRA's signal)."""
-    z = logits.double() - logits.double().max(dim=1, keepdim=True).values
-    p = torch.softmax(z, dim=1)
-    p_y = p.gather(1, labels.long()[:, None]).squeeze(1)
-    return torch.log(p_y + 1e-45) - torch.log((1 - p_y).clamp(min=0) + 1e-45)
+    """``log p_y - log sum_{j != y} p_j`` (LiRA's signal), as ``z_y - logsumexp_{j != y} z_j``, which does not
+    saturate for confident models (computing ``log(1 - p_y)`` would, beyond a margin of about 37)."""
+    z = logits.double()
+    labels = labels.long()[:, None]
+    z_y = z.gather(1, labels).squeeze(1)
+    others = z.scatter(1, labels, float("-inf"))
+    return z_y - torch.logsumexp(others, dim=1)
 
 
 def _epsilons(fpr: np.ndarray, fnr: np.ndarray) -> np.ndarray:

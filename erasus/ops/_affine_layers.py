@@ -53,7 +53,23 @@ def rms_norm_grads(eps_of: Callable[[nn.Module, torch.Tensor], float]) -> Affine
     return grads
 
 
+def batch_norm_grads(module, inputs, grad):
+    """Eval-mode BatchNorm: y = x_hat * weight + bias with x_hat from the running statistics, per channel
+    (dim 1), summed over the other positions of each sample. (In training mode the batch statistics mix the
+    samples; _capture refuses that before we get here.)"""
+    if module.running_mean is None:
+        raise UnsupportedLayerError(f"{type(module).__name__} without running statistics normalises with batch "
+                                    "statistics, which mix the samples: per-sample gradients are undefined")
+    x = inputs[0].float()
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    x_hat = (x - module.running_mean.reshape(shape)) * torch.rsqrt(module.running_var.reshape(shape) + module.eps)
+    g = grad.float()
+    batch, channels = x.shape[0], x.shape[1]
+    return {"weight": (x_hat * g).reshape(batch, channels, -1).sum(2), "bias": g.reshape(batch, channels, -1).sum(2)}
+
+
 register_affine(nn.LayerNorm, layer_norm_grads)
+register_affine(nn.modules.batchnorm._BatchNorm, batch_norm_grads)
 if hasattr(nn, "RMSNorm"):
     register_affine(nn.RMSNorm, rms_norm_grads(
         lambda m, x: m.eps if m.eps is not None else torch.finfo(x.dtype).eps))

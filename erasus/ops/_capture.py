@@ -76,8 +76,28 @@ def lookup(registry: dict[type, Callable], module: nn.Module) -> Callable | None
 
 def capture(model: nn.Module, layers: list[tuple[str, nn.Module]], loss_fn: Callable, batch
             ) -> tuple[torch.Tensor, list[LayerRecord]]:
-    """Run ``loss_fn(model, batch)`` with hooks; return the per-sample losses (B,) and the filled records."""
+    """Run ``loss_fn(model, batch)`` with hooks; return the per-sample losses (B,) and the filled records.
+
+    Layer outputs and inputs are kept by reference (no copies). If an in-place operation later in the forward
+    changes one of them (``ReLU(inplace=True)``, ``x += ...``), the gradient taken at it would be the wrong
+    one: the pass is then run again with copies of just those tensors.
+    """
+    losses, records, changed = _capture_once(model, layers, loss_fn, batch, copy=set())
+    if changed:
+        losses, records, changed = _capture_once(model, layers, loss_fn, batch, copy=changed)
+        if changed:
+            raise UnsupportedLayerError(f"layers {sorted(r.name for r in records if id(r.module) in changed)} "
+                                        "change their own inputs or outputs in place")
+    return losses, records
+
+
+def _versions(inputs: tuple, output: torch.Tensor) -> tuple:
+    return tuple(a._version for a in inputs if isinstance(a, torch.Tensor)) + (output._version,)
+
+
+def _capture_once(model, layers, loss_fn, batch, copy: set[int]):
     records: dict[int, LayerRecord] = {}
+    versions: dict[int, tuple] = {}
     handles = []
     batch_seen = [0]
 
@@ -89,16 +109,24 @@ def capture(model: nn.Module, layers: list[tuple[str, nn.Module]], loss_fn: Call
             if not isinstance(output, torch.Tensor):
                 raise UnsupportedLayerError(f"layer {name} returned {type(output).__name__}, not a tensor")
             inputs = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-            if output.dim() and output.shape[0] == 1 and batch_seen[0] > 1:
-                # A layer applied once and broadcast over the batch (GPT-2's position embedding): give each
-                # sample its own copy, so that each gets its own output gradient.
-                output = output.expand(batch_seen[0], *output.shape[1:])
+            downstream = output
+            if id(module) in copy:  # keep our own inputs; hand the rest of the model a copy to modify in place
+                inputs = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in inputs)
+                downstream = output.clone()
+            ids = args[0] if args else None
+            if (isinstance(module, nn.Embedding) and isinstance(ids, torch.Tensor) and ids.dim() == 2
+                    and ids.shape[0] == 1 and batch_seen[0] > 1):
+                # Positions (1, T) looked up once and broadcast over the batch (GPT-2's position embedding):
+                # give each sample its own copy, so that each gets its own output gradient. Anything else with
+                # one row while the batch has more fails the batch-first check below, with a clear error.
+                output = downstream = output.expand(batch_seen[0], *output.shape[1:])
                 inputs = tuple(a.expand(batch_seen[0], *a.shape[1:]) if isinstance(a, torch.Tensor) and a.dim()
                                and a.shape[0] == 1 else a for a in inputs)
             elif output.dim():
                 batch_seen[0] = max(batch_seen[0], output.shape[0])
             records[id(module)] = LayerRecord(name, module, inputs, output)
-            return output
+            versions[id(module)] = _versions(inputs, output)
+            return downstream
         return fn
 
     try:
@@ -112,6 +140,9 @@ def capture(model: nn.Module, layers: list[tuple[str, nn.Module]], loss_fn: Call
                                  "with reduction='none' (and sum or average over tokens per sample)")
             if not all_finite(losses):
                 raise NonFiniteError("loss_fn returned NaN or infinite losses")
+            changed = {key for key, r in records.items() if _versions(r.inputs, r.output) != versions[key]}
+            if changed:
+                return losses, list(records.values()), changed
             used = [r for r in records.values() if r.output.requires_grad]
             grads = torch.autograd.grad(losses.sum(), [r.output for r in used], allow_unused=True)
     finally:
@@ -128,4 +159,4 @@ def capture(model: nn.Module, layers: list[tuple[str, nn.Module]], loss_fn: Call
                                  f"{batch_size} samples; outputs must be batch-first")
             if not all_finite(record.grad):
                 raise NonFiniteError(f"the gradient at the output of layer {record.name} holds NaN or infinity")
-    return losses.detach(), [records[id(m)] for _, m in layers if id(m) in records]
+    return losses.detach(), [records[id(m)] for _, m in layers if id(m) in records], set()

@@ -148,7 +148,8 @@ def fisher_diagonal(model: nn.Module, data: Iterable, *, mode: str = "empirical"
     for batch in data:
         if mode == "batch_squared":
             count += 1
-            _accumulate_batch_squared(params, fisher, per_sample_loss(model, batch))
+            with torch.enable_grad():
+                _accumulate_batch_squared(params, fisher, per_sample_loss(model, batch))
         else:
             count += _accumulate_per_sample(model, fisher, per_sample_loss, batch, backend)
     if count == 0:

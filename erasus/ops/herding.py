@@ -47,8 +47,10 @@ def herding(x: torch.Tensor, k: int, *, backend: str | None = None) -> torch.Ten
 
 
 def herding_reference(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Plain-torch oracle: ``argmin_j ||x_j||^2 - 2 x_j . t`` over unchosen rows, with t = (i+1) mean - S_i."""
+    """Plain-torch oracle: ``argmin_j ||x_j||^2 - 2 x_j . t`` over unchosen rows, with t = (i+1) mean - S_i.
+    Rows are centred first (the choice is shift-invariant), so the expanded form does not cancel."""
     xf = x.float()
+    xf = xf - xf.mean(dim=0)
     n, d = xf.shape
     sq_norms = (xf * xf).sum(dim=1)
     mean = xf.mean(dim=0)

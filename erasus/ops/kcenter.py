@@ -79,15 +79,17 @@ def kcenter_greedy(x: torch.Tensor, k: int, *, metric: str = "l2", init=None, ba
 
 
 def _default_init(x: torch.Tensor) -> torch.Tensor:
-    # argmin_j ||x_j - mean||^2 = argmin_j ||x_j||^2 - 2 x_j.mean: two passes, no n x d temporary
+    # direct differences: the expanded ||x||^2 - 2 x.mean cancels catastrophically for features far from 0
     xf = x.float()
-    score = torch.linalg.vector_norm(xf, dim=1).square_() - 2 * (xf @ xf.mean(dim=0))
-    return torch.argmin(score).reshape(1).cpu()
+    return torch.argmin(torch.linalg.vector_norm(xf - xf.mean(dim=0), dim=1)).reshape(1).cpu()
 
 
 def kcenter_greedy_reference(x: torch.Tensor, k: int, init: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-torch oracle: running-min loop with one GEMV per centre. Returns (indices, squared radius)."""
+    """Plain-torch oracle: running-min loop with one GEMV per centre. Returns (indices, squared radius).
+    Rows are centred first: distances do not change, and the expanded form ||x||^2 + ||c||^2 - 2 x.c then
+    does not cancel for features far from the origin."""
     xf = x.float()
+    xf = xf - xf.mean(dim=0)
     n = xf.shape[0]
     sq_norms = (xf * xf).sum(dim=1)
     min_dist = torch.full((n,), float("inf"), device=xf.device)

@@ -41,7 +41,9 @@ def grad_norms(model: nn.Module, loss_fn: Callable, batch, *, squared: bool = Fa
         loss_fn: ``loss_fn(model, batch) -> (B,)`` per-sample losses (``reduction="none"``; for sequences,
             sum or average each sample's token losses, skipping padding). The gradient taken is that of
             their sum, so sample i's norm is that of ``loss_i`` alone.
-        batch: whatever ``loss_fn`` takes.
+        batch: whatever ``loss_fn`` takes. Layers must be batch-first (B, ...): a layer that runs once for the
+            whole batch is an error, but a time-major layer with T == B cannot be told apart — keep them
+            batch-first (Hugging Face models are).
         squared: return squared norms.
         backend: backend of the layer kernels (:func:`erasus.ops.per_sample_grad_norms`).
 
@@ -149,6 +151,9 @@ def token_grad_sums(module: nn.Embedding, inputs: tuple, grad: torch.Tensor
     """Per (sample, token) sums of an embedding's output gradients: ``sum_{t: x_t = v} g_t`` for each distinct
     token v of each sample -- exactly the non-zero rows of the per-sample embedding gradients -- via one
     index_add, O(B T p), with no T x T mask and no V x p buffer. Returns (sample index, token id, sums)."""
+    if module.scale_grad_by_freq:
+        raise UnsupportedLayerError("nn.Embedding(scale_grad_by_freq=True) scales gradients by batch-wide token "
+                                    "counts, so per-sample gradients are not defined by the layer alone")
     ids = inputs[0].reshape(grad.shape[0], -1)
     g = grad.reshape(ids.shape[0], ids.shape[1], -1).float()
     if module.padding_idx is not None:

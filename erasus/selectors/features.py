@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from erasus._device import model_device, to_device
 from erasus.errors import EmptyInputError, InvalidInputError, ShapeError
 
 _LABEL_KEYS = ("labels", "label", "targets", "target", "y")
@@ -115,18 +116,18 @@ def _forward_all(model: nn.Module, loader: Iterable, on_batch: Callable | None =
     """Run every batch through the model in eval mode under no_grad, inputs moved to the model's device;
     the model's mode is restored afterwards."""
     was_training = model.training
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     model.eval()
     try:
         with torch.no_grad():
             for batch in loader:
                 if on_batch is not None:
                     on_batch(batch)
-                inputs = _inputs(batch)
+                inputs = to_device(_inputs(batch), device)
                 if isinstance(inputs, dict):
-                    model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
+                    model(**inputs)
                 else:
-                    model(inputs.to(device))
+                    model(inputs)
     finally:
         model.train(was_training)
 

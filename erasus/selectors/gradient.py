@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from erasus import ops
+from erasus._device import model_device, to_device
 from erasus.errors import InvalidInputError
 from erasus.losses import per_sample_cross_entropy
 from erasus.selectors.base import Selector, resolve_k
@@ -59,12 +60,16 @@ class GradNormSelector(Selector, name="gradnorm"):
         if self.scope == "last_layer":
             h, z, y = extract_head(data, model, layer=self.layer, batch_size=self.batch_size)
             return _top(ops.last_layer_grad_sq_norms(_ce_errors(z, y), h), k)
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        device = model_device(model)
         loss_fn = self.loss_fn or default_loss
-        scores = [ops.grad_norms(model, loss_fn, _to(batch, device), backend=self.backend)
-                  for batch in _as_loader(data, self.batch_size)]
+        was_training = model.training
+        model.eval()  # as every selector: scores without dropout, BatchNorm on running statistics
+        try:
+            scores = [ops.grad_norms(model, loss_fn, to_device(batch, device), backend=self.backend)
+                      for batch in _as_loader(data, self.batch_size)]
+        finally:
+            model.train(was_training)
         return _top(torch.cat(scores), k)
-
 
 
 class EL2NSelector(Selector, name="el2n"):
@@ -136,13 +141,3 @@ def _ce_errors(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """d CE / d logits = softmax(z) - onehot(y)."""
     probs = torch.softmax(logits.float(), dim=1)
     return probs - F.one_hot(labels.long(), probs.shape[1]).float()
-
-
-def _to(batch, device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(v, device) for v in batch)
-    return batch

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from erasus import registry
+from erasus._device import model_device, to_device
 from erasus.errors import InvalidInputError
 from erasus.losses import output_anchor_loss, weight_anchor_loss
 from erasus.strategies.guard import GuardTripped, TrainingGuard
@@ -126,13 +127,15 @@ class GradientStrategy(Strategy):
         opt = self.make_optimizer(params)
         guard = guard or TrainingGuard(model)
         retain_iter = _cycle(retain) if retain is not None else None
+        device = model_device(model)
         was_training = model.training
         model.train()
         log = {"steps": 0, "stopped": None}
         try:
             for epoch in range(epochs):
                 for forget_batch in self.forget_batches(forget, epoch):
-                    retain_batch = next(retain_iter) if retain_iter is not None else None
+                    forget_batch = to_device(forget_batch, device)
+                    retain_batch = to_device(next(retain_iter), device) if retain_iter is not None else None
                     opt.zero_grad(set_to_none=True)
                     loss = self.loss(model, forget_batch, retain_batch)
                     if not torch.isfinite(loss):
@@ -176,5 +179,5 @@ def _cycle(loader):
 
 
 def cross_entropy(model: nn.Module, batch) -> torch.Tensor:
-    x, y = batch[0], batch[1]
+    x, y = to_device(batch, model_device(model))[:2]
     return F.cross_entropy(model(x), y)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from erasus._device import model_device, to_device
 from erasus.errors import InvalidInputError
 from erasus.losses import distill_kl, gradient_ascent_loss, npo_loss
 from erasus.strategies.base import GradientStrategy, cross_entropy
@@ -83,8 +84,9 @@ class SCRUB(GradientStrategy, name="scrub"):
         return -distill_kl(model(x), teacher, self.temperature).mean()
 
     def end_epoch(self, model, epoch, retain, opt, guard, log):
+        device = model_device(model)
         for batch in retain:
-            x, y = batch[0], batch[1]
+            x, y = to_device(batch, device)[:2]
             with torch.no_grad():
                 teacher = self.original(model)(x)
             opt.zero_grad(set_to_none=True)
@@ -117,17 +119,22 @@ class SalUn(GradientStrategy, name="salun"):
         sums = {n: torch.zeros_like(p) for n, p in params.items()}
         was_training = model.training
         model.eval()
+        device = model_device(model)
         for batch in forget:
-            grads = torch.autograd.grad(-F.cross_entropy(model(batch[0]), batch[1]), list(params.values()),
-                                        allow_unused=True)
+            x, y = to_device(batch, device)[:2]
+            grads = torch.autograd.grad(-F.cross_entropy(model(x), y), list(params.values()), allow_unused=True)
             for n, g in zip(params, grads):
                 if g is not None:
                     sums[n] += g
         model.train(was_training)
         flat = torch.cat([s.abs().flatten() for s in sums.values()])
         keep = max(1, int(round(self.mask_ratio * flat.numel())))
-        threshold = torch.topk(flat, keep, sorted=True).values[-1]
-        self.masks = {n: (s.abs() >= threshold) for n, s in sums.items()}
+        chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+        chosen[torch.topk(flat, keep).indices] = True  # exactly `keep` weights, ties or not
+        self.masks, offset = {}, 0
+        for n, s in sums.items():
+            self.masks[n] = chosen[offset : offset + s.numel()].reshape(s.shape)
+            offset += s.numel()
         self._held = {n: p.detach().clone() for n, p in params.items()}
         self._params = params
         self._generator = torch.Generator().manual_seed(self.seed)

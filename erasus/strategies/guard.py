@@ -48,9 +48,9 @@ class TrainingGuard:
             reason = f"loss is {value}"
         elif any(not bool(torch.isfinite(p).all()) for p in self.model.parameters() if p.requires_grad):
             reason = "a weight became NaN or infinite"
-        else:
+        elif self._initial_norm > 0:  # an all-zero start has no scale to compare against
             norm = self._norm()
-            if norm > self.max_norm_ratio * max(self._initial_norm, 1e-12):
+            if norm > self.max_norm_ratio * self._initial_norm:
                 reason = f"weights exploded (norm {norm:.3g}, {norm / self._initial_norm:.0f}x the original)"
         if reason is not None:
             self.restore()

@@ -7,6 +7,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from erasus._device import model_device, to_device
 from erasus.errors import InvalidInputError
 from erasus.ops import fisher_diagonal
 from erasus.strategies.base import Strategy
@@ -14,7 +15,8 @@ from erasus.strategies.guard import GuardTripped, TrainingGuard
 
 
 def _ce(model, batch):
-    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+    x, y = to_device(batch, model_device(model))[:2]
+    return F.cross_entropy(model(x), y, reduction="none")
 
 
 class TrainingFreeStrategy(Strategy):

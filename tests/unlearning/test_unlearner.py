@@ -120,3 +120,27 @@ def test_bad_input_gets_a_clear_error(make, error, match):
     model, data = small()
     with pytest.raises(error, match=match):
         make(model, data)
+
+
+def test_guard_accepts_a_model_that_starts_at_zero():
+    model = torch.nn.Linear(6, 3)
+    torch.nn.init.zeros_(model.weight)
+    torch.nn.init.zeros_(model.bias)
+    _, data = small()
+    _, report = ErasusUnlearner(model, strategy="graddiff", selector=None, prune_ratio=1.0, epochs=1,
+                                copy=True).fit(Subset(data, range(10)), Subset(data, range(10, 80)))
+    assert report["guard"]["stopped"] is None
+
+
+def test_salun_mask_keeps_exactly_the_requested_share_even_with_tied_saliencies():
+    from erasus.strategies import SalUn
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    x = torch.randn(40, 8)
+    x[:, 4:] = 0.0  # half the inputs are always zero: their weights get exactly zero saliency
+    y = torch.randint(0, 3, (40,))
+    strategy = SalUn(mask_ratio=0.3)
+    strategy.prepare(model, DataLoader(TensorDataset(x, y), batch_size=8), None)
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(int(m.sum()) for m in strategy.masks.values()) == round(0.3 * total)
