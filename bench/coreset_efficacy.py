@@ -3,7 +3,7 @@
     python bench/coreset_efficacy.py            # 3 seeds, both scenarios, both protocols
     python bench/coreset_efficacy.py --quick    # 1 seed, one strategy: a smoke run
 
-For each scenario (forget digit class 3; forget a random 10%), strategy and seed: selectors random /
+For each scenario (forget digit class 3; forget a random 10%), strategy (all eight) and seed: selectors random /
 kcenter / herding / gradnorm at prune ratios 0.1, 0.2, 0.5, and the full forget set, under two protocols:
 fixed epochs over the (sub)set (coresets cost less) and fixed optimiser steps (same cost as the full set).
 Forgetting is scored on the whole forget set and on its unselected part (UPCORE's rule), as gaps to a
@@ -32,7 +32,9 @@ from erasus.metrics import accuracy  # noqa: E402
 from erasus.report import pareto_plot  # noqa: E402
 from erasus.unlearner import ErasusUnlearner  # noqa: E402
 
-STRATEGIES = {"npo": {"lr": 5e-4}, "graddiff": {"lr": 5e-4}, "scrub": {}, "salun": {"lr": 1e-3}}
+STRATEGIES = {"ga": {"lr": 5e-4}, "graddiff": {"lr": 5e-4}, "npo": {"lr": 5e-4}, "finetune": {"lr": 3e-3},
+              "scrub": {}, "salun": {"lr": 1e-3}, "ssd": {"alpha": 5.0}, "fisher": {"alpha": 1e-5, "max_std": 0.1}}
+TRAINING_FREE = {"ssd", "fisher"}  # one pass: the fixed-steps protocol does not apply
 SELECTORS = ["random", "kcenter", "herding", "gradnorm"]
 RATIOS = [0.1, 0.2, 0.5]
 EPOCHS = 5
@@ -113,7 +115,7 @@ def main():
     plan = [(scen, strat, sel, ratio, proto) for scen in ("class", "random") for strat in strategies
             for proto in ("fixed-epochs", "fixed-steps") for sel, ratio in
             [(s, r) for s in SELECTORS for r in ratios] + [("full", 1.0)]
-            if not (sel == "full" and proto == "fixed-steps")]
+            if not ((sel == "full" or strat in TRAINING_FREE) and proto == "fixed-steps")]
     results: dict[tuple, list[dict]] = {}
     bundles = {}
     with tqdm(total=len(plan) * len(seeds), desc="runs", file=sys.stderr) as bar:
