@@ -244,7 +244,7 @@ def extra_bytes(name: str, op: str, n: int, d: int, k: int) -> int:
 
 
 def report(rows, d: int, bandwidth: dict) -> list[str]:
-    lines = [f"Measured read bandwidth: " + ", ".join(f"{dev} {bw:.1f} GB/s" for dev, bw in bandwidth.items()),
+    lines = ["Measured read bandwidth: " + ", ".join(f"{dev} {bw:.1f} GB/s" for dev, bw in bandwidth.items()),
              "",
              "| device | op | n | d | k | steps | impl | median ms | p20–p80 ms | ms/step | GB/s | %BW | "
              "ours vs impl | extra MB |",

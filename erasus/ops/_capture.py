@@ -61,6 +61,17 @@ def registrar(registry: dict[type, Callable]) -> Callable:
     return register
 
 
+def check_losses(losses) -> torch.Tensor:
+    """What a ``loss_fn`` returned must be one finite loss per sample, shape (B,) with B >= 1."""
+    if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.numel() == 0:
+        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise ShapeError(f"loss_fn must return one loss per sample, shape (B,), got {shape}; compute it "
+                         "with reduction='none' (and sum or average over tokens per sample)")
+    if not all_finite(losses):
+        raise NonFiniteError("loss_fn returned NaN or infinite losses")
+    return losses
+
+
 def own_trainable(module: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The entries of ``values`` (keyed by parameter attribute name) whose parameter is trainable."""
     return {k: v for k, v in values.items()
@@ -133,13 +144,7 @@ def _capture_once(model, layers, loss_fn, batch, copy: set[int]):
         for name, module in layers:
             handles.append(module.register_forward_hook(hook(name)))
         with torch.enable_grad():
-            losses = loss_fn(model, batch)
-            if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
-                shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-                raise ShapeError(f"loss_fn must return one loss per sample, shape (B,), got {shape}; compute it "
-                                 "with reduction='none' (and sum or average over tokens per sample)")
-            if not all_finite(losses):
-                raise NonFiniteError("loss_fn returned NaN or infinite losses")
+            losses = check_losses(loss_fn(model, batch))
             changed = {key for key, r in records.items() if _versions(r.inputs, r.output) != versions[key]}
             if changed:
                 return losses, list(records.values()), changed

@@ -172,10 +172,7 @@ def _sampled_label_loss(logits_fn: Callable, generator: torch.Generator) -> Call
 
 
 def _accumulate_batch_squared(params: dict, fisher: dict, losses: torch.Tensor) -> None:
-    if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.numel() == 0:
-        raise InvalidInputError("loss_fn must return one loss per sample, shape (B,)")
-    if not all_finite(losses):
-        raise NonFiniteError("loss_fn returned NaN or infinite losses")
+    losses = _capture.check_losses(losses)
     grads = torch.autograd.grad(losses.mean(), list(params.values()), allow_unused=True)
     for name, grad in zip(params, grads):
         if grad is not None:
