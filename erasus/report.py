@@ -19,17 +19,33 @@ def markdown(report: dict) -> str:
     rows = [("unlearned", report["metrics"]), ("original", report["original"])]
     if "retrained" in report:
         rows.append(("retrained", report["retrained"]))
-    keys = [k for k in ("UA", "UA_unselected", "RA", "TA", "MIA") if k in report["metrics"]]
-    lines = [f"# Unlearning run: {report['strategy']}", "",
-             f"Selector {report['selector']}, coreset {report['coreset_size']} of {report['forget_size']} forget "
-             f"samples (prune_ratio {report['prune_ratio']}), {report['epochs']} epochs, seed {report['seed']}; "
-             f"forget-side sample passes {report['forget_sample_passes']}; time {report['time_total_s']:.2f} s "
+    keys = list(report["metrics"])
+    params = ", ".join(f"{k}={v}" for k, v in (report.get("strategy_params") or {}).items())
+    if report["selector"] is None:
+        data = f"the full forget set ({report['forget_size']} samples)"
+    else:
+        data = (f"a {report['selector']} coreset of {report['coreset_size']} of {report['forget_size']} forget "
+                f"samples (prune_ratio {report['prune_ratio']})")
+    schedule = "one training-free pass" if report.get("training_free") else \
+        f"{report['epochs']} epochs ({report.get('steps', 0)} steps)"
+    lora = report.get("lora")
+    lines = [f"# Unlearning run: {report['strategy']} ({report.get('task', 'classification')})", "",
+             f"Strategy {report['strategy']}({params}) on {data}, {schedule}, seed {report['seed']}; "
+             + (f"LoRA adapter r={lora['r']} on {lora['target_modules']} ({lora['trainable_params']} trainable of "
+                f"{lora['total_params']} parameters); " if lora else "")
+             + f"forget-side sample passes {report['forget_sample_passes']}; time {report['time_total_s']:.2f} s "
              f"(select {report['time_select_s']:.2f} s, unlearn {report['time_unlearn_s']:.2f} s).", "",
              "| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for name, m in rows:
         lines.append(f"| {name} | " + " | ".join(f"{m[k]:.4f}" if k in m else "–" for k in keys) + " |")
     if "avg_gap" in report:
-        lines += ["", f"Average gap to the retrained model (UA, RA, TA, MIA): {report['avg_gap']:.4f}"]
+        lines += ["", f"Average gap to the retrained model: {report['avg_gap']:.4f}"]
+    stop = report.get("early_stop")
+    if stop and stop.get("target"):
+        lines += ["", f"Target: {stop['target']['source']}, forget {report['curves']['label']} "
+                      f"{stop['target']['value']:.4f}; " + (f"reached at epoch {stop['at_epoch']:.2f} "
+                                                           f"(step {stop['at_step']})." if stop["reached"]
+                                                           else "not reached.")]
     guard = report["guard"]
     if guard["stopped"]:
         lines += ["", f"**Stopped by the guard:** {guard['stopped']}; the model was restored to its state at step "
@@ -44,19 +60,25 @@ def plot_curves(report: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     curves = report["curves"]
+    label = curves.get("label", "accuracy")
+    if curves["step"]:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot(curves["step"], curves["loss"])
+        ax.set(xlabel="step", ylabel="loss", title="unlearning loss")
+        fig.tight_layout()
+        fig.savefig(out / "loss.png", dpi=110)
+        plt.close(fig)
+    if not curves["epoch"]:
+        return
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(curves["step"], curves["loss"])
-    ax.set(xlabel="step", ylabel="loss", title="unlearning loss")
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=110)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(curves["epoch"], curves["forget_acc"], marker="o", label="forget accuracy")
-    ax.plot(curves["epoch"], curves["retain_acc"], marker="o", label="retain accuracy")
-    if "retrained" in report:
-        ax.axhline(1 - report["retrained"]["UA"], ls="--", c="C0", lw=0.8, label="retrained, forget")
-        ax.axhline(report["retrained"]["RA"], ls="--", c="C1", lw=0.8, label="retrained, retain")
-    ax.set(xlabel="epoch", ylabel="accuracy", ylim=(-0.02, 1.02), title="forget vs retain accuracy")
+    ax.plot(curves["epoch"], curves["forget"], marker="o", label=f"forget {label}")
+    ax.plot(curves["epoch"], curves["retain"], marker="o", label=f"retain {label}")
+    stop = report.get("early_stop")
+    if stop and stop.get("target"):
+        ax.axhline(stop["target"]["value"], ls="--", c="C0", lw=0.8, label=f"target ({stop['target']['source']})")
+    ax.set(xlabel="epoch", ylabel=label, title=f"forget vs retain {label}")
+    if label == "accuracy":
+        ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=110)

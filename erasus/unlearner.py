@@ -1,4 +1,8 @@
-"""ErasusUnlearner: score and select a coreset of the forget set, unlearn it with a strategy, evaluate, report."""
+"""ErasusUnlearner: score and select a coreset of the forget set, unlearn it with a strategy, evaluate, report.
+
+One orchestrator for every model family: the task layer (``erasus.tasks``) knows the batch format, the loss and
+the metrics of classifiers and causal LMs; the strategies, selectors, guard and reports are shared.
+"""
 from __future__ import annotations
 
 import copy as copy_module
@@ -10,21 +14,30 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
-from erasus.errors import EmptyInputError, InvalidInputError
-from erasus.metrics import accuracy, average_gap, mia_efficacy
+from erasus.errors import InvalidInputError
+from erasus.metrics import average_gap
 from erasus.selectors import SELECTORS, get_selector
-from erasus.strategies import STRATEGIES, TrainingGuard, frozen_copy, get_strategy
+from erasus.strategies import STRATEGIES, TrainingGuard, get_strategy
+from erasus.strategies.guard import ModelState
+from erasus.tasks import Reference, Task, infer_task
+from erasus.tasks.reference import is_peft_model
+
+
+class TargetReached(Exception):
+    """Raised from a callback to end the unlearning loop early: the forget metric reached its target."""
 
 
 class ErasusUnlearner:
-    """The one orchestrator: coreset selection -> strategy -> evaluation -> report.
+    """The one orchestrator: coreset selection -> strategy -> evaluation -> report, for any model family.
 
     Args:
-        model: a classifier ``model(x) -> logits``. **Changed in place** unless ``copy=True``, which unlearns a
-            deep copy and leaves ``model`` untouched.
+        model: a classifier ``model(x) -> logits`` or a transformers causal LM (optionally a peft model).
+            **Changed in place** unless ``copy=True``, which unlearns a deep copy and leaves ``model`` untouched.
+            With ``lora``, peft injects an adapter into ``model`` (unless ``copy=True``) and only the adapter
+            trains: the base weights never change, and ``fit`` returns the peft model.
         strategy: a registered strategy name (``erasus.strategies.STRATEGIES``) or a Strategy instance.
         selector: a registered selector name (``erasus.selectors.SELECTORS``), a Selector instance, or None
             for the full forget set.
@@ -33,9 +46,21 @@ class ErasusUnlearner:
             always evaluated on the whole forget set and, separately, on the part left out.
         strategy_params / selector_params: keyword arguments for the registered classes.
         epochs, batch_size, seed: the unlearning loop's passes over the coreset, batch size and shuffling seed.
+        task: the model family (``"classification"``, ``"causal_lm"`` or a Task); inferred from the model.
+        lora: a ``peft.LoraConfig`` (or a dict of its fields): train only a LoRA adapter. The frozen reference
+            that NPO, SCRUB and the KL terms compare with is then the same model with the adapter disabled,
+            never a second copy. A model that already is a peft model trains its adapter without this.
+        save_merged: with an adapter, also write the merged model (``merged/``) into ``out_dir``.
+        stop_at_target: end unlearning at the first epoch (or ``eval_every`` steps) whose forget metric
+            reaches the target: the retrained model's value when ``retrained`` is given, else the original
+            model's value on ``test`` (the holdout set), which it never trained on.
         progress: show a tqdm bar of the unlearning steps.
-        out_dir: if given, ``fit`` writes report.json, report.md, PNG plots and the unlearned weights
-            (model.safetensors) there.
+        out_dir: if given, ``fit`` writes report.json, report.md, PNG plots and the unlearned weights there
+            (``model.safetensors``; ``adapter/`` for a peft model), all as safetensors.
+
+    ``fit`` is a transaction: if anything fails before it returns (an error, KeyboardInterrupt), the model is
+    put back as it was before ``fit`` (weights, buffers, train/eval mode, requires_grad, no adapter left in it)
+    and the exception is re-raised.
 
     Example:
         >>> import torch
@@ -52,96 +77,195 @@ class ErasusUnlearner:
     def __init__(self, model: nn.Module, strategy="npo", selector="kcenter", prune_ratio: float = 0.2, *,
                  strategy_params: dict | None = None, selector_params: dict | None = None, epochs: int = 5,
                  batch_size: int = 32, copy: bool = False, seed: int = 0, out_dir: str | Path | None = None,
-                 progress: bool = False):
+                 progress: bool = False, task: Task | str | None = None, lora=None, save_merged: bool = False,
+                 stop_at_target: bool = False, eval_every: int | None = None):
         if not isinstance(model, nn.Module):
             raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not 0 < prune_ratio <= 1:
-            raise InvalidInputError(f"prune_ratio must be in (0, 1], got {prune_ratio!r}")
+        if isinstance(prune_ratio, bool) or not isinstance(prune_ratio, (int, float)) or not 0 < prune_ratio <= 1:
+            raise InvalidInputError(f"prune_ratio must be a number in (0, 1], got {prune_ratio!r}")
+        _positive_int("epochs", epochs)
+        _positive_int("batch_size", batch_size)
+        if eval_every is not None:
+            _positive_int("eval_every", eval_every)
         self.model = model
+        self.task = infer_task(model, task)
         self.strategy = (get_strategy(strategy, **_seeded(STRATEGIES, strategy, strategy_params, seed))
                          if isinstance(strategy, str) else strategy)
+        if not hasattr(self.strategy, "unlearn"):
+            raise InvalidInputError(f"strategy must be a registered name {sorted(STRATEGIES)} or a Strategy, got "
+                                    f"{type(strategy).__name__}")
+        self.strategy.check_task(self.task)
         self.selector = (get_selector(selector, **_seeded(SELECTORS, selector, selector_params, seed))
                          if isinstance(selector, str) else selector)
+        if self.selector is not None and not hasattr(self.selector, "select"):
+            raise InvalidInputError(f"selector must be a registered name {sorted(SELECTORS)}, a Selector or None, "
+                                    f"got {type(selector).__name__}")
+        self.lora = None
+        if lora is not None:
+            from erasus.tasks.lora import lora_config
+
+            self.lora = lora_config(lora)
         self.prune_ratio, self.epochs, self.batch_size = prune_ratio, epochs, batch_size
         self.copy, self.seed, self.out_dir, self.progress = copy, seed, out_dir, progress
+        self.save_merged, self.stop_at_target, self.eval_every = save_merged, stop_at_target, eval_every
 
     def fit(self, forget, retain, *, epochs: int | None = None, test=None, retrained: nn.Module | None = None,
             snapshot_every: int = 1) -> tuple[nn.Module, dict]:
-        """Unlearn ``forget`` while keeping ``retain``. Each is a Dataset, a DataLoader or an ``(inputs, labels)``
-        pair of tensors. ``test`` (optional) adds TA and the MIA; ``retrained`` (a model trained on retain
-        only) adds the gaps to it. Returns ``(model, report)``."""
-        forget_ds, retain_ds = as_dataset(forget, "forget"), as_dataset(retain, "retain")
-        check_disjoint(forget_ds, retain_ds)
-        test_ds = as_dataset(test, "test") if test is not None else None
+        """Unlearn ``forget`` while keeping ``retain``, in the task's data format (classifiers: a Dataset, a
+        DataLoader or an ``(inputs, labels)`` pair of tensors; causal LMs: an ``erasus.data.QADataset`` or
+        any Dataset of token dicts with a ``collate``). ``test`` (optional) is the test set of a classifier
+        (adds TA and the MIA) or the holdout set of an LM (adds holdout NLL and the MIA AUCs); ``retrained``
+        (a model trained on retain only) adds the gaps to it. Returns ``(model, report)``."""
+        task = self.task
+        forget_ds, retain_ds = task.as_dataset(forget, "forget"), task.as_dataset(retain, "retain")
+        task.check_disjoint(forget_ds, retain_ds)
+        test_ds = task.as_dataset(test, "test") if test is not None else None
         epochs = self.epochs if epochs is None else epochs
+        _positive_int("epochs", epochs)
+        task.check_model(self.model, {"forget": forget_ds, "retain": retain_ds, "test": test_ds})
+        if retrained is not None:
+            task.check_model(retrained, {})
+        if self.out_dir is not None:
+            _check_writable(self.out_dir)
+
         model = copy_module.deepcopy(self.model) if self.copy else self.model
-        original = frozen_copy(model)
+        undo = _Undo(model)
+        try:
+            model, report = self._fit(model, undo, forget_ds, retain_ds, test_ds, retrained, epochs, snapshot_every)
+        except BaseException as exc:
+            if not self.copy:
+                undo.restore()
+                if hasattr(exc, "add_note"):
+                    exc.add_note("erasus: the model was restored to its state before fit()")
+            raise
+        return model, report
+
+    def _fit(self, model, undo, forget_ds, retain_ds, test_ds, retrained, epochs, snapshot_every):
+        task = self.task
         started = time.perf_counter()
+        ref = task.evaluate_raw(retrained, forget_ds, retain_ds, test=test_ds) if retrained is not None else None
+        original_metrics = task.evaluate(model, forget_ds, retain_ds, test=test_ds, retrained=ref)
+        if self.lora is not None:
+            from erasus.tasks.lora import apply_lora
+
+            model = apply_lora(model, self.lora)
+            undo.peft_model = model
+        reference = None
+        if getattr(self.strategy, "needs_reference", False):
+            reference = Reference(model)
+        t_original = time.perf_counter() - started
 
         n_forget = len(forget_ds)
+        t0 = time.perf_counter()
         chosen = self._select(forget_ds, model)
-        t_select = time.perf_counter() - started
+        t_select = time.perf_counter() - t0
         coreset = Subset(forget_ds, chosen.tolist())
         rest = Subset(forget_ds, sorted(set(range(n_forget)) - set(chosen.tolist())))
 
         g = torch.Generator().manual_seed(self.seed)
-        forget_loader = CountingLoader(DataLoader(coreset, batch_size=self.batch_size, shuffle=True, generator=g))
-        retain_loader = DataLoader(retain_ds, batch_size=self.batch_size, shuffle=True,
-                                   generator=torch.Generator().manual_seed(self.seed + 1))
-        curves = {"step": [], "loss": [], "epoch": [], "forget_acc": [], "retain_acc": []}
+        forget_loader = CountingLoader(task.loader(coreset, self.batch_size, shuffle=True, generator=g), task)
+        retain_loader = task.loader(retain_ds, self.batch_size, shuffle=True,
+                                    generator=torch.Generator().manual_seed(self.seed + 1))
+        curves = {"step": [], "loss": [], "epoch": [], "forget": [], "retain": [], "label": task.curve_label}
+        target = self._target(task, model, retrained, forget_ds, retain_ds, test_ds)
+        stop = {"reached": False, "at_step": None, "at_epoch": None, "target": target}
 
         label = getattr(self.strategy, "name", type(self.strategy).__name__)
-        bar = tqdm(total=epochs * len(forget_loader), desc=f"unlearning ({label})", unit="step",
-                   disable=not self.progress, file=sys.stderr)
+        training_free = getattr(self.strategy, "training_free", False)
+        bar = tqdm(total=0 if training_free else epochs * len(forget_loader), desc=f"unlearning ({label})",
+                   unit="step", disable=not self.progress, file=sys.stderr)
+        position = {"epoch": 0.0}
+
+        def record(epoch_value):
+            values = task.curve(model, forget_ds, retain_ds)
+            curves["epoch"].append(epoch_value)
+            curves["forget"].append(values["forget"])
+            curves["retain"].append(values["retain"])
+            if self.stop_at_target and target is not None and task.reached(values["forget"], target):
+                stop.update(reached=True, at_step=len(curves["step"]), at_epoch=epoch_value)
+                raise TargetReached
 
         def on_step(info):
             curves["step"].append(info["step"])
             curves["loss"].append(info["loss"])
             bar.update(1)
             bar.set_postfix(loss=f"{info['loss']:.4g}")
+            if self.eval_every and info["step"] % self.eval_every == 0:
+                record(info["step"] / max(1, len(forget_loader)))
 
         def on_epoch(epoch):
-            curves["epoch"].append(epoch + 1)
-            curves["forget_acc"].append(accuracy(model, forget_ds))
-            curves["retain_acc"].append(accuracy(model, retain_ds))
+            if not self.eval_every:
+                record(epoch + 1)
 
         guard = TrainingGuard(model, snapshot_every=snapshot_every)
         t0 = time.perf_counter()
-        log = self.strategy.unlearn(model, forget_loader, retain_loader, epochs=epochs, original=original,
-                                    on_step=on_step, on_epoch=on_epoch, guard=guard)
+        try:
+            log = self.strategy.unlearn(model, forget_loader, retain_loader, epochs=epochs, reference=reference,
+                                        on_step=on_step, on_epoch=on_epoch, guard=guard, task=task)
+        except TargetReached:
+            log = {"steps": len(curves["step"]), "stopped": None}
         t_unlearn = time.perf_counter() - t0
         bar.close()
-        model.eval()
+        model.train(undo.training)
 
-        metrics = {"UA": 1 - accuracy(model, forget_ds), "RA": accuracy(model, retain_ds)}
-        if len(rest):
-            metrics["UA_unselected"] = 1 - accuracy(model, rest)
-        if test_ds is not None:
-            metrics["TA"] = accuracy(model, test_ds)
-            metrics["MIA"] = mia_efficacy(model, retain_ds, test_ds, forget_ds)
+        metrics = task.evaluate(model, forget_ds, retain_ds, test=test_ds, unselected=rest, retrained=ref)
+        strategy_name = getattr(self.strategy, "name", type(self.strategy).__name__)
         report = {
-            "strategy": repr(self.strategy), "selector": repr(self.selector), "prune_ratio": self.prune_ratio,
+            "task": task.name, "strategy": strategy_name, "strategy_params": _params(self.strategy),
+            "selector": None if self.selector is None or self.prune_ratio >= 1 else
+            getattr(self.selector, "name", type(self.selector).__name__),
+            "selector_params": _params(self.selector) if self.selector is not None else None,
+            "prune_ratio": self.prune_ratio if self.selector is not None else 1.0,
+            "lora": _lora_summary(model) if is_peft_model(model) else None,
+            "reference": {"kind": "none" if reference is None else
+                          "adapter disabled (shared weights)" if reference.shared else "frozen copy",
+                          "extra_bytes": 0 if reference is None else reference.copied_bytes},
             "forget_size": n_forget, "coreset_size": len(coreset), "retain_size": len(retain_ds),
-            "epochs": epochs, "seed": self.seed, "in_place": not self.copy,
+            "epochs": None if training_free else epochs, "steps": log.get("steps", 0), "seed": self.seed,
+            "in_place": not self.copy, "training_free": training_free,
             "forget_sample_passes": forget_loader.samples,
-            "time_select_s": t_select, "time_unlearn_s": t_unlearn, "time_total_s": time.perf_counter() - started,
-            "metrics": metrics, "original": self._reference_metrics(original, forget_ds, retain_ds, test_ds),
+            "time_select_s": t_select, "time_unlearn_s": t_unlearn, "time_original_eval_s": t_original,
+            "time_total_s": time.perf_counter() - started,
+            "metrics": metrics, "original": original_metrics,
             "guard": {"stopped": log.get("stopped"), "events": guard.events},
+            "early_stop": stop if self.stop_at_target else None,
             "curves": curves, "log": {k: v for k, v in log.items() if k not in ("stopped",)},
         }
-        if retrained is not None:
-            ref = self._reference_metrics(retrained, forget_ds, retain_ds, test_ds)
-            report["retrained"] = ref
-            report["gap_to_retrained"] = {k: abs(metrics[k] - ref[k]) for k in ref if k in metrics}
-            report["avg_gap"] = average_gap(metrics, ref)
+        if ref is not None:
+            ref_metrics = ref[0]
+            report["retrained"] = ref_metrics
+            report["gap_to_retrained"] = {k: abs(metrics[k] - ref_metrics[k]) for k in ref_metrics if k in metrics}
+            report["avg_gap"] = average_gap(metrics, ref_metrics, keys=task.gap_keys)
         if self.out_dir is not None:
+            self._write(model, report)
+        return model, report
+
+    @staticmethod
+    def _target(task, model, retrained, forget_ds, retain_ds, test_ds):
+        """The forget metric that counts as forgotten: the retrained model's on the forget set, else the
+        original's on data it never saw (the test / holdout set). Called before unlearning."""
+        if retrained is not None:
+            return {"source": "retrained model on the forget set",
+                    "value": task.curve(retrained, forget_ds, retain_ds)["forget"]}
+        if test_ds is not None:
+            return {"source": "original model on the test/holdout set",
+                    "value": task.curve(model, test_ds, retain_ds)["forget"]}
+        return None
+
+    def _write(self, model, report):
+        from erasus.report import write_report
+
+        out = write_report(report, self.out_dir)
+        if is_peft_model(model):
+            from erasus.tasks.lora import save_adapter, save_merged
+
+            save_adapter(model, out / "adapter")
+            if self.save_merged:
+                save_merged(model, out / "merged")
+        else:
             from safetensors.torch import save_model
 
-            from erasus.report import write_report
-
-            out = write_report(report, self.out_dir)
             save_model(model, str(out / "model.safetensors"))  # safetensors, never pickle
-        return model, report
 
     def _select(self, forget_ds: Dataset, model: nn.Module) -> torch.Tensor:
         n = len(forget_ds)
@@ -150,17 +274,70 @@ class ErasusUnlearner:
         k = max(1, math.ceil(self.prune_ratio * n - 1e-9))
         return self.selector.select(forget_ds, k=k, model=model).cpu()
 
-    @staticmethod
-    def _reference_metrics(model, forget_ds, retain_ds, test_ds) -> dict:
-        ref = {"UA": 1 - accuracy(model, forget_ds), "RA": accuracy(model, retain_ds)}
-        if test_ds is not None:
-            ref["TA"] = accuracy(model, test_ds)
-            ref["MIA"] = mia_efficacy(model, retain_ds, test_ds, forget_ds)
-        return ref
+
+class _Undo:
+    """What ``fit`` must put back if it fails: weights and buffers, mode, requires_grad, an injected adapter."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.training = model, model.training
+        self.state = ModelState(model)
+        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+        self.peft_model = None
+
+    def restore(self) -> None:
+        if self.peft_model is not None:
+            from erasus.tasks.lora import remove_lora
+
+            remove_lora(self.peft_model)
+        self.state.restore()
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+        self.model.train(self.training)
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_writable(out_dir) -> None:
+    import tempfile
+
+    path = Path(out_dir)
+    if str(out_dir) == "":
+        raise InvalidInputError("out_dir is empty: give a folder name (or None for no files)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise InvalidInputError(f"out_dir {str(path)!r} is not writable: {exc}") from exc
+
+
+def _params(obj) -> dict:
+    """An object's settings (its public attributes) as JSON-friendly values."""
+    out = {}
+    for k, v in vars(obj).items():
+        if k.startswith("_") or k.endswith("_") or isinstance(v, (nn.Module, torch.Tensor, dict)):
+            continue
+        out[k] = v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else repr(v)
+    return out
+
+
+def _lora_summary(model) -> dict:
+    config = model.peft_config[model.active_adapter]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    targets = config.target_modules
+    return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(targets) if
+            isinstance(targets, (set, list, tuple)) else targets, "trainable_params": trainable,
+            "total_params": total}
 
 
 def _seeded(registry: dict, name: str, params: dict | None, seed: int) -> dict:
     """The run's seed goes to a registered class that takes one, unless the caller set it."""
+    if params is not None and not isinstance(params, dict):
+        raise InvalidInputError(f"parameters for {name!r} must be a dict, got {type(params).__name__}")
     params = dict(params or {})
     cls = registry.get(name)
     if cls is not None and "seed" in inspect.signature(cls.__init__).parameters:
@@ -171,58 +348,14 @@ def _seeded(registry: dict, name: str, params: dict | None, seed: int) -> dict:
 class CountingLoader:
     """Wraps a DataLoader and counts the samples drawn from it: the forget-side cost of a run."""
 
-    def __init__(self, loader: DataLoader):
-        self.loader, self.samples = loader, 0
+    def __init__(self, loader, task: Task):
+        self.loader, self.task, self.samples = loader, task, 0
 
     def __iter__(self):
         for batch in self.loader:
-            self.samples += len(batch[1])
+            self.samples += self.task.batch_size_of(batch)
             yield batch
 
     def __len__(self):
         return len(self.loader)
 
-
-def as_dataset(data, name: str) -> Dataset:
-    """A Dataset from a Dataset, a DataLoader (its dataset) or an ``(inputs, labels)`` pair of tensors."""
-    if isinstance(data, DataLoader):
-        data = data.dataset
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        if data[0].shape[0] != data[1].shape[0]:
-            raise InvalidInputError(f"{name}: inputs and labels have different lengths "
-                                    f"({data[0].shape[0]} and {data[1].shape[0]})")
-        data = TensorDataset(data[0], data[1])
-    if not isinstance(data, Dataset):
-        raise InvalidInputError(f"{name} must be a Dataset, a DataLoader or an (inputs, labels) pair of tensors, "
-                                f"got {type(data).__name__}")
-    if len(data) == 0:
-        raise EmptyInputError(f"{name} set is empty")
-    return data
-
-
-def _root(ds: Dataset) -> tuple[Dataset, list[int]]:
-    """The underlying dataset and the indices into it, through nested Subsets."""
-    indices = list(range(len(ds)))
-    while isinstance(ds, Subset):
-        indices = [ds.indices[i] for i in indices]
-        ds = ds.dataset
-    return ds, indices
-
-
-def check_disjoint(forget: Dataset, retain: Dataset) -> None:
-    """Forget and retain must not share samples: the same indices of one dataset, or identical input rows."""
-    f_root, f_idx = _root(forget)
-    r_root, r_idx = _root(retain)
-    if f_root is r_root:
-        shared = set(f_idx) & set(r_idx)
-        if shared:
-            raise InvalidInputError(f"forget and retain overlap in {len(shared)} samples (e.g. index "
-                                    f"{min(shared)}): a sample cannot be both forgotten and kept")
-        return
-    if isinstance(f_root, TensorDataset) and isinstance(r_root, TensorDataset):
-        f_rows = f_root.tensors[0][f_idx].reshape(len(f_idx), -1)
-        r_rows = r_root.tensors[0][r_idx].reshape(len(r_idx), -1)
-        keys = {bytes(row.numpy().tobytes()) for row in f_rows.cpu()}
-        shared = sum(bytes(row.numpy().tobytes()) in keys for row in r_rows.cpu())
-        if shared:
-            raise InvalidInputError(f"forget and retain share {shared} identical input rows")

@@ -6,7 +6,8 @@ import pytest
 
 MODULES = ["erasus.ops.kcenter", "erasus.ops.herding", "erasus.ops.kmeans", "erasus.selectors.classic",
            "erasus.ops.grad_norms", "erasus.ops.model_grad_norms", "erasus.ops.fisher", "erasus.ops.last_layer",
-           "erasus.selectors.gradient", "erasus.losses.token", "erasus.unlearner"]
+           "erasus.selectors.gradient", "erasus.selectors.features", "erasus.losses.token", "erasus.unlearner",
+           "erasus.metrics.lm"]
 
 
 @pytest.mark.parametrize("name", MODULES)

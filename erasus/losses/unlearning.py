@@ -36,3 +36,15 @@ def output_anchor_loss(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.
 def weight_anchor_loss(params: list[torch.Tensor], ref_params: list[torch.Tensor]) -> torch.Tensor:
     """Retain anchor on weights: ``sum ||theta - theta_original||^2`` (a scalar: it does not depend on samples)."""
     return sum(((p - r) ** 2).sum() for p, r in zip(params, ref_params))
+
+
+def npo_from_logprobs(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+    """NPO on sequence log-probabilities (any family): ``(2/beta) softplus(beta (log pi - log pi_ref))``."""
+    return 2.0 / beta * F.softplus(beta * (logp.float() - ref_logp.float()))
+
+
+def simnpo_loss(mean_logp: torch.Tensor, beta: float = 4.5, margin: float = 0.0) -> torch.Tensor:
+    """SimNPO (Fan et al. 2024), reference-free and length-normalised:
+    ``-(2/beta) log sigmoid(-beta * mean_logp - margin) = (2/beta) softplus(beta * mean_logp + margin)``, with
+    ``mean_logp = log pi(y|x) / |y|``. ``margin`` is the paper's gamma (OpenUnlearning's ``delta`` times beta)."""
+    return 2.0 / beta * F.softplus(beta * mean_logp.float() + margin)

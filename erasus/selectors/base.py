@@ -10,7 +10,7 @@ import torch
 
 from erasus import registry
 from erasus.errors import InvalidInputError
-from erasus.selectors.features import extract_features
+from erasus.selectors.features import check_feature_source, extract_features
 
 SELECTORS: dict[str, type["Selector"]] = {}
 
@@ -64,13 +64,23 @@ class Selector(abc.ABC):
 
 class FeatureSelector(Selector):
     """A selector on feature geometry. ``data`` may be a 2-D feature tensor, or a Dataset / DataLoader (or an
-    input tensor) together with a ``model`` (features = the input of its last ``nn.Linear``, or of ``layer``)
-    or an ``embed`` function. Extraction runs the model in eval mode under ``torch.no_grad()`` and restores
-    its training mode; the model's weights are not changed. Subclasses implement ``_select(features, k)``.
+    input tensor) together with a ``model`` or an ``embed`` function. The model's features are the input of its
+    last ``nn.Linear`` (a classifier's penultimate layer, a causal LM's final hidden state), or of ``layer``, or
+    hidden state number ``hidden_layer`` of a transformers model (0 = embeddings, -1 = last; through a peft
+    wrapper too). Token features are pooled over the real tokens (the batch's ``attention_mask``) by
+    ``pooling``: ``"mean"`` or ``"last"`` (see :func:`erasus.selectors.extract_features`). Extraction runs the
+    model in eval mode under ``torch.no_grad()`` and restores its training mode; the model's weights are not
+    changed. Subclasses implement ``_select(features, k)``.
     """
+
+    def __init__(self, *, hidden_layer: int | None = None, pooling: str = "mean", **kwargs):
+        super().__init__(**kwargs)
+        check_feature_source(embed=self.embed, layer=self.layer, hidden_layer=hidden_layer, pooling=pooling)
+        self.hidden_layer, self.pooling = hidden_layer, pooling
 
     def select(self, data, k: int | None = None, ratio: float | None = None, model=None) -> torch.Tensor:
         features = extract_features(data, model=model, embed=self.embed, layer=self.layer,
+                                    hidden_layer=self.hidden_layer, pooling=self.pooling,
                                     batch_size=self.batch_size)
         return self._select(features, resolve_k(features.shape[0], k, ratio))
 

@@ -5,18 +5,13 @@ import abc
 import itertools
 
 import torch
-import torch.nn.functional as F
 
 from erasus._device import model_device, to_device
 from erasus.errors import InvalidInputError
 from erasus.ops import fisher_diagonal
-from erasus.strategies.base import Strategy
+from erasus.strategies.base import Strategy, _positive
 from erasus.strategies.guard import GuardTripped, TrainingGuard
-
-
-def _ce(model, batch):
-    x, y = to_device(batch, model_device(model))[:2]
-    return F.cross_entropy(model(x), y, reduction="none")
+from erasus.tasks import infer_task
 
 
 class TrainingFreeStrategy(Strategy):
@@ -27,14 +22,24 @@ class TrainingFreeStrategy(Strategy):
     training_free = True
 
     def unlearn(self, model, forget, retain=None, *, epochs=1, original=None, on_step=None, on_epoch=None,
-                guard=None):
+                guard=None, task=None, reference=None):
         if retain is None:
             raise InvalidInputError(f"{type(self).__name__} needs retain data")
+        task = infer_task(model, task)
+        self.check_task(task)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise InvalidInputError("the model has no trainable parameters (every requires_grad is False)")
+        device = model_device(model)
+
+        def loss_fn(m, batch):
+            batch = to_device(batch, device)
+            return task.per_sample_loss(task.outputs(m, batch), batch)
+
         guard = guard or TrainingGuard(model)
         was_training = model.training
         model.eval()
         try:
-            log = {"steps": 0, "stopped": None, **self.edit(model, forget, retain)}
+            log = {"steps": 0, "stopped": None, **self.edit(model, forget, retain, loss_fn)}
         finally:
             model.train(was_training)
         try:
@@ -44,8 +49,8 @@ class TrainingFreeStrategy(Strategy):
         return log
 
     @abc.abstractmethod
-    def edit(self, model, forget, retain) -> dict:
-        """Change the weights in place; return extra entries for the log."""
+    def edit(self, model, forget, retain, loss_fn) -> dict:
+        """Change the weights in place; return extra entries for the log. ``loss_fn(model, batch) -> (B,)``."""
 
 
 class SSD(TrainingFreeStrategy, name="ssd"):
@@ -55,13 +60,13 @@ class SSD(TrainingFreeStrategy, name="ssd"):
     ``min(lam * I_D / I_f, 1)``. One pass, no training."""
 
     def __init__(self, alpha: float = 10.0, lam: float = 1.0):
-        if not alpha > 0 or not lam > 0:
-            raise InvalidInputError(f"alpha and lam must be positive, got {alpha!r}, {lam!r}")
+        _positive("alpha", alpha)
+        _positive("lam", lam)
         self.alpha, self.lam = alpha, lam
 
-    def edit(self, model, forget, retain):
-        imp_f = fisher_diagonal(model, forget, mode="batch_squared", loss_fn=_ce)
-        imp_d = fisher_diagonal(model, itertools.chain(retain, forget), mode="batch_squared", loss_fn=_ce)
+    def edit(self, model, forget, retain, loss_fn):
+        imp_f = fisher_diagonal(model, forget, mode="batch_squared", loss_fn=loss_fn)
+        imp_d = fisher_diagonal(model, itertools.chain(retain, forget), mode="batch_squared", loss_fn=loss_fn)
         dampened = 0
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -80,12 +85,12 @@ class FisherForgetting(TrainingFreeStrategy, name="fisher"):
     retain set: weights the retain data does not pin down are scrambled. One pass, no training."""
 
     def __init__(self, alpha: float = 1e-6, max_std: float = 0.05, seed: int = 0):
-        if not alpha > 0 or not max_std > 0:
-            raise InvalidInputError("alpha and max_std must be positive")
+        _positive("alpha", alpha)
+        _positive("max_std", max_std)
         self.alpha, self.max_std, self.seed = alpha, max_std, seed
 
-    def edit(self, model, forget, retain):
-        fisher = fisher_diagonal(model, retain, mode="empirical", loss_fn=_ce)
+    def edit(self, model, forget, retain, loss_fn):
+        fisher = fisher_diagonal(model, retain, mode="empirical", loss_fn=loss_fn)
         generator = torch.Generator().manual_seed(self.seed)
         with torch.no_grad():
             for name, p in model.named_parameters():

@@ -12,6 +12,8 @@ SETTINGS = {
     "ga": ({"lr": 5e-4}, 3, 0.9, 0.06),
     "graddiff": ({"lr": 5e-4}, 5, 0.9, 0.1),
     "npo": ({"lr": 5e-4}, 5, 0.9, 0.1),
+    "simnpo": ({"lr": 5e-4}, 5, 0.9, 0.1),
+    "rmu": ({"layer": "3", "steering_coeff": 50.0, "retain_weight": 3.0, "lr": 3e-3}, 5, 0.85, 0.06),
     "finetune": ({"lr": 3e-3}, 10, 0.2, 0.02),  # forgetting by interference alone is slow
     "scrub": ({}, 5, 0.9, 0.02),
     "salun": ({"lr": 1e-3}, 3, 0.9, 0.15),

@@ -36,7 +36,7 @@ def test_coreset_size_cost_and_remainder_are_reported():
     assert report["coreset_size"] == 5 and report["forget_size"] == 20
     assert report["forget_sample_passes"] == 15  # 5 samples x 3 epochs
     assert "UA_unselected" in report["metrics"]
-    assert len(report["curves"]["forget_acc"]) == 3
+    assert len(report["curves"]["forget"]) == 3
 
 
 def test_report_folder_holds_json_markdown_plots_and_safetensors(tmp_path):

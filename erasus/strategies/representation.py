@@ -1,0 +1,134 @@
+"""Representation-level unlearning: RMU (Li et al. 2024, the WMDP paper), written from the paper."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from erasus.errors import InvalidInputError
+from erasus.strategies.base import GradientStrategy, _nonnegative, _positive
+from erasus.tasks import unwrap
+
+
+class RMU(GradientStrategy, name="rmu"):
+    """Representation Misdirection for Unlearning: push the hidden states of forget inputs at one layer towards
+    a fixed random direction ``steering_coeff * u`` and hold those of retain inputs at the original model's:
+
+    ``L = mean ||h(x_f) - c u||^2 + retain_weight * mean ||h(x_r) - h_orig(x_r)||^2``
+
+    with ``u`` uniform on ``[0, 1)^d``, normalised (RMU's positive-orthant draw), seeded by ``seed``. Means run
+    over the real tokens only (the task's position mask: padding never counts, unlike the original code) and
+    over hidden units.
+
+    Args:
+        layer: where ``h`` is read: an int picks the output of that decoder block (the model's list of
+            ``num_hidden_layers`` blocks, found by its length: ``transformer.h`` in GPT-2, ``model.layers`` in
+            Llama), a str names any module (its output; works on classifiers too).
+        steering_coeff: ``c`` (RMU's zephyr run: 6.5; OpenUnlearning: 2). It must be large against the
+            layer's activation norm for the forget states to be misdirected.
+        retain_weight: RMU's ``alpha`` (zephyr run: 1200).
+        train_layers: if given, only parameters of these decoder blocks are trained (RMU trains blocks
+            ``layer - 2 .. layer``); None trains whatever is trainable (e.g. a LoRA adapter).
+    """
+
+    needs_retain = True
+
+    def __init__(self, layer: int | str = 1, steering_coeff: float = 6.5, seed: int = 0,
+                 train_layers: tuple[int, ...] | None = None, **kwargs):
+        kwargs.setdefault("retain_weight", 100.0)
+        super().__init__(**kwargs)
+        if isinstance(layer, bool) or not isinstance(layer, (int, str)):
+            raise InvalidInputError(f"layer must be a block index (int) or a module name (str), got {layer!r}")
+        _positive("steering_coeff", steering_coeff)
+        _nonnegative("retain_weight", self.retain_weight)
+        self.layer, self.steering_coeff, self.seed = layer, steering_coeff, seed
+        self.train_layers = tuple(train_layers) if train_layers is not None else None
+        self._u: torch.Tensor | None = None
+        self._module_name: str | None = None
+
+    @property
+    def needs_reference(self):
+        return True
+
+    def prepare(self, model, forget, retain):
+        module = self._module(model)
+        if self.train_layers is not None:
+            blocks = _blocks(model)
+            keep = {id(p) for i in self.train_layers for p in _block(blocks, i).parameters()}
+            for p in model.parameters():
+                if p.requires_grad and id(p) not in keep:
+                    p.requires_grad_(False)
+            if not keep:
+                raise InvalidInputError(f"train_layers {self.train_layers} hold no parameters")
+        self._u = None
+        self._module_name = next(n for n, m in model.named_modules() if m is module)
+
+    def _module(self, model: nn.Module) -> nn.Module:
+        if isinstance(self.layer, str):
+            modules = dict(model.named_modules())
+            if self.layer not in modules:
+                raise InvalidInputError(f"layer {self.layer!r} is not a module of the model")
+            return modules[self.layer]
+        return _block(_blocks(model), self.layer)
+
+    def _hidden(self, model: nn.Module, batch, *, reference: bool = False) -> torch.Tensor:
+        captured = []
+
+        def hook(_module, _args, out):
+            captured.append(out[0] if isinstance(out, (tuple, list)) else out)
+
+        if reference:
+            with torch.no_grad(), self.reference(model).use() as ref_model:
+                handle = dict(ref_model.named_modules())[self._module_name].register_forward_hook(hook)
+                try:
+                    self.task.outputs(ref_model, batch)
+                finally:
+                    handle.remove()
+        else:
+            handle = self._module(model).register_forward_hook(hook)
+            try:
+                self.task.outputs(model, batch)
+            finally:
+                handle.remove()
+        return captured[-1]
+
+    def _masked_mse(self, h: torch.Tensor, target: torch.Tensor, batch) -> torch.Tensor:
+        err = (h.float() - target.float()).square()
+        mask = self.task.position_mask(batch)
+        if mask is None or err.dim() != 3:
+            return err.mean()
+        mask = mask.to(err.dtype)[..., None]
+        return (err * mask).sum() / (mask.sum() * err.shape[-1]).clamp(min=1)
+
+    def _direction(self, d: int, device) -> torch.Tensor:
+        if self._u is None or self._u.shape[-1] != d:
+            u = torch.rand(d, generator=torch.Generator().manual_seed(self.seed))
+            self._u = (u / u.norm()).to(device)
+        return self._u
+
+    def method_loss(self, model, forget_batch, retain_batch):
+        if self._module_name is None:
+            self._module_name = next(n for n, m in model.named_modules() if m is self._module(model))
+        h_f = self._hidden(model, forget_batch)
+        target = self.steering_coeff * self._direction(h_f.shape[-1], h_f.device)
+        total = self._masked_mse(h_f, target.expand_as(h_f), forget_batch)
+        if retain_batch is not None and self.retain_weight:
+            h_r = self._hidden(model, retain_batch)
+            ref = self._hidden(model, retain_batch, reference=True)
+            total = total + self.retain_weight * self._masked_mse(h_r, ref, retain_batch)
+        return total
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder blocks: the ModuleList whose length is the config's layer count."""
+    config = getattr(unwrap(model), "config", None)
+    count = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    for _name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and (count is None or len(module) == count) and len(module):
+            return module
+    raise InvalidInputError("could not find the model's list of blocks; pass layer= as a module name")
+
+
+def _block(blocks: nn.ModuleList, i: int) -> nn.Module:
+    if not -len(blocks) <= i < len(blocks):
+        raise InvalidInputError(f"layer {i} is out of range for a model with {len(blocks)} blocks")
+    return blocks[i]

@@ -1,0 +1,111 @@
+"""Classifiers: ``model(x) -> logits (B, C)``, batches ``(inputs, labels)``; UA / RA / TA and the SalUn MIA."""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from erasus.errors import InvalidInputError, ShapeError
+from erasus.losses import distill_kl
+from erasus.tasks.base import Task, _root, check_same_root_disjoint, nonempty
+
+
+class Classification(Task, name="classification"):
+    """The classifier family. Data: a Dataset of ``(input, label)`` pairs, a DataLoader, or an
+    ``(inputs, labels)`` pair of tensors. Loss: cross-entropy. Metrics: UA = 1 - forget accuracy (also on the
+    part of the forget set left out of the coreset), RA, TA, SalUn's MIA-efficacy."""
+
+    gap_keys = ("UA", "RA", "TA", "MIA")
+
+    def reached(self, forget_value, target):
+        return forget_value <= target["value"]  # forget accuracy down to the target's
+
+    def as_dataset(self, data, name):
+        from torch.utils.data import DataLoader
+
+        if isinstance(data, DataLoader):
+            data = data.dataset
+        if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+            if data[0].shape[0] != data[1].shape[0]:
+                raise InvalidInputError(f"{name}: inputs and labels have different lengths "
+                                        f"({data[0].shape[0]} and {data[1].shape[0]})")
+            data = TensorDataset(data[0], data[1])
+        if not isinstance(data, Dataset):
+            raise InvalidInputError(f"{name} must be a Dataset, a DataLoader or an (inputs, labels) pair of "
+                                    f"tensors, got {type(data).__name__}")
+        return nonempty(data, name)
+
+    def check_disjoint(self, forget, retain):
+        """Same indices of one dataset, or identical input rows (any Dataset whose items hold tensors)."""
+        if check_same_root_disjoint(forget, retain):
+            return
+        keys = {_content_key(forget, i) for i in range(len(forget))}
+        shared = sum(_content_key(retain, i) in keys for i in range(len(retain)))
+        if shared:
+            raise InvalidInputError(f"forget and retain share {shared} identical input rows")
+
+    def batch_size_of(self, batch):
+        return len(batch[1])
+
+    def outputs(self, model, batch):
+        return model(batch[0])
+
+    def per_sample_loss(self, logits, batch):
+        return F.cross_entropy(logits.float(), _labels(logits, batch), reduction="none")
+
+    def sequence_logprob(self, logits, batch, *, normalize=False):
+        return -self.per_sample_loss(logits, batch)
+
+    def output_kl(self, logits, ref_logits, batch, temperature=1.0):
+        return distill_kl(logits, ref_logits, temperature)
+
+    def with_random_targets(self, logits, batch, generator):
+        y = batch[1]
+        random = torch.randint(logits.shape[-1], y.shape, generator=generator).to(y.device)
+        return (batch[0], random, *batch[2:])
+
+    def evaluate_raw(self, model, forget, retain, *, test=None, unselected=None, retrained=None):
+        from erasus.metrics import accuracy, mia_efficacy
+
+        metrics = {"UA": 1 - accuracy(model, forget), "RA": accuracy(model, retain)}
+        if unselected is not None and len(unselected):
+            metrics["UA_unselected"] = 1 - accuracy(model, unselected)
+        if test is not None:
+            metrics["TA"] = accuracy(model, test)
+            metrics["MIA"] = mia_efficacy(model, retain, test, forget)
+        return metrics, {}
+
+    def curve(self, model, forget, retain):
+        from erasus.metrics import accuracy
+
+        return {"forget": accuracy(model, forget), "retain": accuracy(model, retain)}
+
+
+def _labels(logits: torch.Tensor, batch) -> torch.Tensor:
+    y = batch[1]
+    if y.dim() != 1 or y.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
+        raise InvalidInputError(f"labels must be a 1-D integer tensor of class indices, got dtype {y.dtype} and "
+                                f"shape {tuple(y.shape)}")
+    if logits.dim() != 2:
+        raise ShapeError(f"a classifier must return (B, C) logits, got shape {tuple(logits.shape)}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
+        raise InvalidInputError(f"labels must lie in [0, {logits.shape[1] - 1}] for a model with "
+                                f"{logits.shape[1]} outputs, got values in [{int(y.min())}, {int(y.max())}]")
+    return y
+
+
+def _content_key(ds: Dataset, i: int) -> bytes:
+    """A digest of sample i's input, so that datasets of any type can be compared by content."""
+    root, idx = _root(ds)
+    if isinstance(root, TensorDataset):
+        x = root.tensors[0][idx[i]]
+    else:
+        item = ds[i]
+        x = item[0] if isinstance(item, (tuple, list)) else item
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(x)
+    x = x.detach().cpu().contiguous()
+    return hashlib.blake2b(x.numpy().tobytes() + str((x.dtype, tuple(x.shape))).encode(), digest_size=16).digest()
