@@ -3,6 +3,8 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cfloat>
+#include <cmath>
 #include <stdexcept>
 #include <string>
 
@@ -82,8 +84,16 @@ auto dispatch(Elem elem, F&& f) {
 template <typename T>
 const T* data_as(const py::array& a, const T*) { return static_cast<const T*>(a.data()); }
 
+// `scale` must be a positive finite power of two (see coreset.h); anything else is refused, not rounded.
+void check_scale(double scale) {
+  int exponent = 0;
+  if (!(scale > 0.0) || !std::isfinite(scale) || std::frexp(scale, &exponent) != 0.5 ||
+      static_cast<double>(static_cast<float>(scale)) != scale || static_cast<float>(scale) < FLT_MIN)
+    throw ArrayShapeError("scale must be a power of two that is a normal float32, got " + std::to_string(scale));
+}
+
 float kcenter_greedy(const py::array& x, const std::string& elem_name, const py::array& init, py::array& out,
-                     py::array& min_dist) {
+                     py::array& min_dist, double scale) {
   const Elem elem = parse_elem(elem_name);
   check_matrix(x, elem);
   const int64_t n = x.shape(0), d = x.shape(1);
@@ -98,15 +108,17 @@ float kcenter_greedy(const py::array& x, const std::string& elem_name, const py:
   const auto* init_ptr = static_cast<const int64_t*>(init.data());
   for (int64_t i = 0; i < n_init; ++i)
     if (init_ptr[i] < 0 || init_ptr[i] >= n) throw ArrayShapeError("init holds an index outside [0, n)");
+  check_scale(scale);
   auto* out_ptr = static_cast<int64_t*>(out.mutable_data());
   auto* min_ptr = static_cast<float*>(min_dist.mutable_data());
   py::gil_scoped_release release;
   return dispatch(elem, [&](auto* tag) {
-    return erasus::kcenter_greedy(data_as(x, tag), n, d, init_ptr, n_init, k, out_ptr, min_ptr);
+    return erasus::kcenter_greedy(data_as(x, tag), n, d, static_cast<float>(scale), init_ptr, n_init, k, out_ptr,
+                                  min_ptr);
   });
 }
 
-void herding(const py::array& x, const std::string& elem_name, py::array& out, py::array& selected) {
+void herding(const py::array& x, const std::string& elem_name, py::array& out, py::array& selected, double scale) {
   const Elem elem = parse_elem(elem_name);
   check_matrix(x, elem);
   const int64_t n = x.shape(0), d = x.shape(1);
@@ -115,10 +127,13 @@ void herding(const py::array& x, const std::string& elem_name, py::array& out, p
   if (k < 1 || k > n) throw ArrayShapeError("out must be 1-D with 1 <= length <= n");
   check_vector<int64_t>(out, "out", k, true);
   check_vector<uint8_t>(selected, "selected", n, true);
+  check_scale(scale);
   auto* out_ptr = static_cast<int64_t*>(out.mutable_data());
   auto* sel_ptr = static_cast<uint8_t*>(selected.mutable_data());
   py::gil_scoped_release release;
-  dispatch(elem, [&](auto* tag) { erasus::herding(data_as(x, tag), n, d, k, out_ptr, sel_ptr); });
+  dispatch(elem, [&](auto* tag) {
+    erasus::herding(data_as(x, tag), n, d, static_cast<float>(scale), k, out_ptr, sel_ptr);
+  });
 }
 
 struct LayerDims {
@@ -176,10 +191,11 @@ PYBIND11_MODULE(_C, m) {
   py::register_exception<ArrayLayoutError>(m, "ArrayLayoutError", PyExc_ValueError);
   py::register_exception<ArrayShapeError>(m, "ArrayShapeError", PyExc_ValueError);
   m.def("kcenter_greedy", &kcenter_greedy, py::arg("x").noconvert(), py::arg("elem"), py::arg("init").noconvert(),
-        py::arg("out").noconvert(), py::arg("min_dist").noconvert(),
-        "Greedy k-center in place; returns the squared covering radius.");
+        py::arg("out").noconvert(), py::arg("min_dist").noconvert(), py::arg("scale") = 1.0,
+        "Greedy k-center in place on x * scale; returns the squared covering radius of x * scale.");
   m.def("herding", &herding, py::arg("x").noconvert(), py::arg("elem"), py::arg("out").noconvert(),
-        py::arg("selected").noconvert(), "Herding selection written into out.");
+        py::arg("selected").noconvert(), py::arg("scale") = 1.0,
+        "Herding selection on x * scale written into out.");
   m.def("per_sample_grad_norms", &per_sample_grad_norms, py::arg("a").noconvert(), py::arg("g").noconvert(),
         py::arg("elem"), py::arg("path"), py::arg("weight_out").noconvert(), py::arg("bias_out").noconvert(),
         "Per-sample squared weight and bias gradient norms of a linear map, written into the outputs.");

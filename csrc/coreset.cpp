@@ -9,20 +9,30 @@
 namespace erasus {
 namespace {
 
+// Rows are read times `scale`, a power of two chosen by the caller (1 unless |x| is far from 1): exact, and it
+// keeps every squared distance inside the float32 range whatever the input's magnitude.
 template <typename T>
-inline float squared_distance(const T* row, const float* centre, int64_t d) {
+inline float squared_distance(const T* row, float scale, const float* centre, int64_t d) {
   float acc = 0.f;
+  if (scale == 1.f) {  // the common case (features of moderate size): no multiply in the hot loop
+#pragma omp simd reduction(+ : acc)
+    for (int64_t t = 0; t < d; ++t) {
+      const float diff = to_float(row[t]) - centre[t];
+      acc += diff * diff;
+    }
+    return acc;
+  }
 #pragma omp simd reduction(+ : acc)
   for (int64_t t = 0; t < d; ++t) {
-    const float diff = to_float(row[t]) - centre[t];
+    const float diff = to_float(row[t]) * scale - centre[t];
     acc += diff * diff;
   }
   return acc;
 }
 
 template <typename T>
-inline void widen_row(const T* row, int64_t d, float* dst) {
-  for (int64_t t = 0; t < d; ++t) dst[t] = to_float(row[t]);
+inline void widen_row(const T* row, float scale, int64_t d, float* dst) {
+  for (int64_t t = 0; t < d; ++t) dst[t] = to_float(row[t]) * scale;
 }
 
 struct Best {
@@ -44,8 +54,8 @@ inline Best merge(const std::vector<Best>& per_thread, Better better) {
 }  // namespace
 
 template <typename T>
-float kcenter_greedy(const T* x, int64_t n, int64_t d, const int64_t* init, int64_t n_init, int64_t k,
-                     int64_t* out, float* min_dist) {
+float kcenter_greedy(const T* x, int64_t n, int64_t d, float scale, const int64_t* init, int64_t n_init,
+                     int64_t k, int64_t* out, float* min_dist) {
   std::vector<float> centre(static_cast<size_t>(d));
   std::vector<Best> per_thread(static_cast<size_t>(max_threads()));
   for (int64_t j = 0; j < n; ++j) min_dist[j] = std::numeric_limits<float>::infinity();
@@ -54,7 +64,7 @@ float kcenter_greedy(const T* x, int64_t n, int64_t d, const int64_t* init, int6
   float radius2 = 0.f;
   for (int64_t s = 0; s < k; ++s) {
     const int64_t c = out[s];
-    widen_row(x + c * d, d, centre.data());
+    widen_row(x + c * d, scale, d, centre.data());
     min_dist[c] = -1.f;  // a centre is never chosen again, even among exact duplicates
     for (auto& b : per_thread) b = Best{-2.f, -1};
     parallel_blocks(n, [&](int64_t begin, int64_t end, int tid) {
@@ -62,7 +72,7 @@ float kcenter_greedy(const T* x, int64_t n, int64_t d, const int64_t* init, int6
       for (int64_t j = begin; j < end; ++j) {
         float m = min_dist[j];
         if (m >= 0.f) {
-          const float dist = squared_distance(x + j * d, centre.data(), d);
+          const float dist = squared_distance(x + j * d, scale, centre.data(), d);
           if (dist < m) m = dist;
           min_dist[j] = m;
         }
@@ -78,9 +88,9 @@ float kcenter_greedy(const T* x, int64_t n, int64_t d, const int64_t* init, int6
 }
 
 template <typename T>
-void herding(const T* x, int64_t n, int64_t d, int64_t k, int64_t* out, uint8_t* selected) {
+void herding(const T* x, int64_t n, int64_t d, float scale, int64_t k, int64_t* out, uint8_t* selected) {
   const int nt = max_threads();
-  // The mean in double: one pass, per-thread partial sums merged serially.
+  // The mean in double (no overflow before scaling): one pass, per-thread partial sums merged serially.
   std::vector<double> partial(static_cast<size_t>(nt) * static_cast<size_t>(d), 0.0);
   parallel_blocks(n, [&](int64_t begin, int64_t end, int tid) {
     double* acc = partial.data() + static_cast<size_t>(tid) * static_cast<size_t>(d);
@@ -92,7 +102,7 @@ void herding(const T* x, int64_t n, int64_t d, int64_t k, int64_t* out, uint8_t*
   std::vector<double> mean(static_cast<size_t>(d), 0.0), chosen_sum(static_cast<size_t>(d), 0.0);
   for (int i = 0; i < nt; ++i)
     for (int64_t t = 0; t < d; ++t) mean[t] += partial[static_cast<size_t>(i) * d + t];
-  for (int64_t t = 0; t < d; ++t) mean[t] /= static_cast<double>(n);
+  for (int64_t t = 0; t < d; ++t) mean[t] = mean[t] / static_cast<double>(n) * scale;
 
   for (int64_t j = 0; j < n; ++j) selected[j] = 0;
   std::vector<float> target(static_cast<size_t>(d));
@@ -104,7 +114,7 @@ void herding(const T* x, int64_t n, int64_t d, int64_t k, int64_t* out, uint8_t*
       Best best{std::numeric_limits<float>::infinity(), -1};
       for (int64_t j = begin; j < end; ++j) {
         if (selected[j]) continue;
-        const float dist = squared_distance(x + j * d, target.data(), d);
+        const float dist = squared_distance(x + j * d, scale, target.data(), d);
         if (best.index < 0 || dist < best.value) best = Best{dist, j};
       }
       per_thread[static_cast<size_t>(tid)] = best;
@@ -113,14 +123,14 @@ void herding(const T* x, int64_t n, int64_t d, int64_t k, int64_t* out, uint8_t*
     out[i] = best.index;
     selected[best.index] = 1;
     const T* row = x + best.index * d;
-    for (int64_t t = 0; t < d; ++t) chosen_sum[t] += to_float(row[t]);
+    for (int64_t t = 0; t < d; ++t) chosen_sum[t] += to_float(row[t]) * scale;
   }
 }
 
 #define ERASUS_INSTANTIATE(T)                                                                              \
-  template float kcenter_greedy<T>(const T*, int64_t, int64_t, const int64_t*, int64_t, int64_t, int64_t*, \
-                                   float*);                                                                \
-  template void herding<T>(const T*, int64_t, int64_t, int64_t, int64_t*, uint8_t*);
+  template float kcenter_greedy<T>(const T*, int64_t, int64_t, float, const int64_t*, int64_t, int64_t,   \
+                                   int64_t*, float*);                                                      \
+  template void herding<T>(const T*, int64_t, int64_t, float, int64_t, int64_t*, uint8_t*);
 
 ERASUS_INSTANTIATE(float)
 ERASUS_INSTANTIATE(half_bits)

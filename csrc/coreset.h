@@ -4,20 +4,24 @@
 
 namespace erasus {
 
-// Greedy k-center (farthest-first traversal) on the rows of x (n x d, row-major).
+// Both loops read the rows of x (n x d, row-major) times `scale`: pass a power of two that brings the largest
+// |x| near 1 when it is far from 1, so that squared distances cannot overflow or underflow float32 (the
+// selection does not change; the squared radius comes back in the scaled units).
+
+// Greedy k-center (farthest-first traversal) on the rows of x.
 // The first n_init centres are init[0..n_init); the rest are chosen greedily and written to out[n_init..k).
 // min_dist (length n) is scratch and ends holding each row's squared distance to its nearest centre,
 // with -1 marking the centres themselves. Returns the squared covering radius (0 when k == n).
 // One fused pass over x per centre: distance to the newest centre, running-min update, argmax.
 // Ties go to the lowest row index.
 template <typename T>
-float kcenter_greedy(const T* x, int64_t n, int64_t d, const int64_t* init, int64_t n_init, int64_t k,
-                     int64_t* out, float* min_dist);
+float kcenter_greedy(const T* x, int64_t n, int64_t d, float scale, const int64_t* init, int64_t n_init,
+                     int64_t k, int64_t* out, float* min_dist);
 
 // Herding (Welling 2009): row i of the selection minimises ||(i+1)*mean - S_i - x_j||^2 over unchosen j,
 // where S_i is the sum of the rows chosen so far, kept incrementally. One pass over x per step.
 // selected (length n) is scratch. Ties go to the lowest row index.
 template <typename T>
-void herding(const T* x, int64_t n, int64_t d, int64_t k, int64_t* out, uint8_t* selected);
+void herding(const T* x, int64_t n, int64_t d, float scale, int64_t k, int64_t* out, uint8_t* selected);
 
 }  // namespace erasus

@@ -23,7 +23,7 @@ def register_affine(layer_type: type, per_sample_grads: AffineGrads) -> None:
     """Register a layer type by its per-sample affine gradients, for both norms and Fisher."""
     def norms(module, inputs, grad, backend):
         grads = _capture.own_trainable(module, per_sample_grads(module, inputs, grad))
-        return sum(v.square().sum(1) for v in grads.values())
+        return sum(v.double().square().sum(1) for v in grads.values())  # float64: squares may underflow
 
     def fisher(module, inputs, grad, backend):
         grads = _capture.own_trainable(module, per_sample_grads(module, inputs, grad))

@@ -7,13 +7,17 @@ computed and no ``.grad`` field of the model is touched.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import inspect
 from typing import Callable
 
 import torch
 from torch import nn
 
 from erasus.errors import InvalidInputError, NonFiniteError, ShapeError, UnsupportedLayerError
+from erasus.ops._parameter_uses import check_parameter_uses
 from erasus.ops._validate import all_finite
 
 
@@ -38,11 +42,19 @@ def trainable_layers(model: nn.Module, registry: dict[type, Callable]) -> list[t
     for name, module in model.named_modules():
         if not any(p.requires_grad for p in module.parameters(recurse=False)):
             continue
-        if lookup(registry, module) is None:
+        kind = f"{type(module).__module__}.{type(module).__qualname__}"
+        registered = registered_type(registry, module)
+        if registered is None:
             raise UnsupportedLayerError(
-                f"layer {name or '<model>'} of type {type(module).__module__}.{type(module).__qualname__} has "
-                f"trainable parameters but no per-sample function; freeze it (requires_grad_(False)) or "
-                f"register one with erasus.ops.register_norm_sampler")
+                f"layer {name or '<model>'} of type {kind} has trainable parameters but no per-sample function; "
+                f"freeze it (requires_grad_(False)) or register one with erasus.ops.register_norm_sampler")
+        if type(module).forward is not registered.forward:
+            # the registered function assumes the registered type's forward (y = x W^T + b, a lookup, ...); a
+            # subclass that computes something else (e.g. scales the output) would get silently wrong results
+            raise UnsupportedLayerError(
+                f"layer {name or '<model>'} of type {kind} subclasses {registered.__qualname__} but overrides its "
+                f"forward, which the per-sample function of {registered.__qualname__} does not know; freeze it or "
+                f"register a function for {type(module).__qualname__} with erasus.ops.register_norm_sampler")
         layers.append((name, module))
     if not layers:
         raise InvalidInputError("the model has no layer with trainable parameters")
@@ -62,14 +74,61 @@ def registrar(registry: dict[type, Callable]) -> Callable:
 
 
 def check_losses(losses) -> torch.Tensor:
-    """What a ``loss_fn`` returned must be one finite loss per sample, shape (B,) with B >= 1."""
+    """What a ``loss_fn`` returned must be one finite loss per sample, shape (B,) with B >= 1, attached to the
+    model's graph."""
     if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.numel() == 0:
         shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
         raise ShapeError(f"loss_fn must return one loss per sample, shape (B,), got {shape}; compute it "
                          "with reduction='none' (and sum or average over tokens per sample)")
+    if not losses.dtype.is_floating_point:
+        raise InvalidInputError(f"loss_fn must return floating-point losses, got {losses.dtype}")
     if not all_finite(losses):
         raise NonFiniteError("loss_fn returned NaN or infinite losses")
+    if not losses.requires_grad:
+        raise InvalidInputError("loss_fn returned losses that do not depend on the trainable parameters (detached, "
+                                "computed under torch.no_grad(), or from frozen layers only)")
     return losses
+
+
+@contextlib.contextmanager
+def parameters_kept(model: nn.Module):
+    """Run model code that must leave the parameters as they were.
+
+    ``nn.Embedding(max_norm=...)`` renormalises the rows it looks up, in place, in its forward: those weights
+    are saved first and restored bit for bit afterwards (the gradients computed in between are those of the
+    renormalised rows, as in any forward of that model). Any other parameter changed in place by the forward
+    cannot be restored (it was not saved) and is reported as an UnsupportedLayerError.
+    """
+    renormed = [m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.max_norm is not None]
+    saved = [w.detach().clone() for w in renormed]
+    versions = {name: (p, p._version) for name, p in model.named_parameters()}
+
+    def restore():
+        with torch.no_grad():
+            for weight, copy in zip(renormed, saved):
+                if not torch.equal(weight, copy):
+                    weight.copy_(copy)
+
+    try:
+        yield
+    except BaseException:
+        restore()
+        raise
+    restore()
+    restored = {id(w) for w in renormed}
+    changed = [name for name, (p, version) in versions.items() if id(p) not in restored and p._version != version]
+    if changed:
+        raise UnsupportedLayerError(f"the model's forward changed parameters {changed} in place, so their values "
+                                    "now differ from before the call; per-sample scores need a forward that leaves "
+                                    "its parameters alone")
+
+
+def registered_type(registry: dict[type, Callable], module: nn.Module) -> type | None:
+    """The first class in the module's MRO that has a function in ``registry``."""
+    for cls in type(module).__mro__:
+        if cls in registry:
+            return cls
+    return None
 
 
 def own_trainable(module: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -79,10 +138,8 @@ def own_trainable(module: nn.Module, values: dict[str, torch.Tensor]) -> dict[st
 
 
 def lookup(registry: dict[type, Callable], module: nn.Module) -> Callable | None:
-    for cls in type(module).__mro__:
-        if cls in registry:
-            return registry[cls]
-    return None
+    cls = registered_type(registry, module)
+    return None if cls is None else registry[cls]
 
 
 def capture(model: nn.Module, layers: list[tuple[str, nn.Module]], loss_fn: Callable, batch
@@ -102,6 +159,38 @@ def capture(model: nn.Module, layers: list[tuple[str, nn.Module]], loss_fn: Call
     return losses, records
 
 
+def _trainable_names(layers) -> dict[int, str]:
+    names: dict[int, str] = {}
+    for layer, module in layers:
+        for attr, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                names.setdefault(id(p), f"{layer}.{attr}" if layer else attr)
+    return names
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_signature(cls: type) -> inspect.Signature | None:
+    try:
+        return inspect.signature(cls.forward)
+    except (TypeError, ValueError):
+        return None
+
+
+def _positional(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """The forward's arguments in signature order, whether they were passed by position or by name (a layer
+    called as ``layer(input=x)`` still has x as its first input)."""
+    if not kwargs:
+        return args
+    signature = _forward_signature(type(module))
+    if signature is None:
+        return args + tuple(kwargs.values())
+    try:
+        bound = signature.bind(module, *args, **kwargs)
+    except TypeError:
+        return args + tuple(kwargs.values())
+    return tuple(bound.arguments.values())[1:]
+
+
 def _versions(inputs: tuple, output: torch.Tensor) -> tuple:
     return tuple(a._version for a in inputs if isinstance(a, torch.Tensor)) + (output._version,)
 
@@ -113,18 +202,18 @@ def _capture_once(model, layers, loss_fn, batch, copy: set[int]):
     batch_seen = [0]
 
     def hook(name):
-        def fn(module, args, output):
+        def fn(module, args, kwargs, output):
             if id(module) in records:
                 raise InvalidInputError(f"layer {name} ran more than once in one forward pass (a reused module); "
                                         "per-sample norms need one call per layer")
             if not isinstance(output, torch.Tensor):
                 raise UnsupportedLayerError(f"layer {name} returned {type(output).__name__}, not a tensor")
-            inputs = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+            inputs = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in _positional(module, args, kwargs))
             downstream = output
             if id(module) in copy:  # keep our own inputs; hand the rest of the model a copy to modify in place
                 inputs = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in inputs)
                 downstream = output.clone()
-            ids = args[0] if args else None
+            ids = inputs[0] if inputs else None
             if (isinstance(module, nn.Embedding) and isinstance(ids, torch.Tensor) and ids.dim() == 2
                     and ids.shape[0] == 1 and batch_seen[0] > 1):
                 # Positions (1, T) looked up once and broadcast over the batch (GPT-2's position embedding):
@@ -142,12 +231,14 @@ def _capture_once(model, layers, loss_fn, batch, copy: set[int]):
 
     try:
         for name, module in layers:
-            handles.append(module.register_forward_hook(hook(name)))
+            handles.append(module.register_forward_hook(hook(name), with_kwargs=True))
         with torch.enable_grad():
             losses = check_losses(loss_fn(model, batch))
             changed = {key for key, r in records.items() if _versions(r.inputs, r.output) != versions[key]}
             if changed:
                 return losses, list(records.values()), changed
+            check_parameter_uses(losses, [(r.name, r.module, r.output) for r in records.values()],
+                                 _trainable_names(layers))
             used = [r for r in records.values() if r.output.requires_grad]
             grads = torch.autograd.grad(losses.sum(), [r.output for r in used], allow_unused=True)
     finally:

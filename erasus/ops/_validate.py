@@ -28,9 +28,20 @@ def check_matrix(x, name: str = "x") -> torch.Tensor:
 
 
 def all_finite(x: torch.Tensor) -> bool:
-    """True when x holds no NaN or infinity, in one pass: a float32 sum is NaN or infinite exactly when an
-    element is (a finite sum overflows only beyond 3e38, far outside what features or gradients reach)."""
-    return x.numel() == 0 or bool(torch.isfinite(x.sum(dtype=torch.float32)))
+    """True when x holds no NaN or infinity, in one pass. The smallest and largest element decide it (NaN
+    propagates through both); a sum would overflow for large finite values and report them as infinite."""
+    if x.numel() == 0:
+        return True
+    low, high = torch.aminmax(x.detach())
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def max_abs(x: torch.Tensor) -> float:
+    """The largest |element| of a finite tensor (0 for an empty one), in one pass and without a copy."""
+    if x.numel() == 0:
+        return 0.0
+    low, high = torch.aminmax(x.detach())
+    return max(-float(low), float(high))
 
 
 def check_k(k, n: int, name: str = "k") -> int:
@@ -49,7 +60,10 @@ def check_indices(idx, n: int, name: str) -> torch.Tensor:
         raise InvalidInputError(f"{name} must be an index or a sequence of indices, got {idx!r}")
     if isinstance(idx, numbers.Integral):
         idx = [int(idx)]
-    t = idx if isinstance(idx, torch.Tensor) else torch.as_tensor(idx)
+    try:
+        t = idx if isinstance(idx, torch.Tensor) else torch.as_tensor(idx)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InvalidInputError(f"{name} must be an index or a sequence of indices, got {idx!r}") from exc
     if t.dim() == 0:
         t = t.reshape(1)
     if t.dim() != 1:

@@ -8,9 +8,10 @@ from torch import nn
 
 from erasus.errors import EmptyInputError, InvalidInputError, NonFiniteError
 from erasus.ops import _backend, _capture, _cpp
-from erasus.ops._validate import all_finite
+from erasus.ops._magnitude import squares_fit, to_float32
+from erasus.ops._validate import all_finite, max_abs
 from erasus.ops.grad_norms import THIN, _check_pair
-from erasus.ops.model_grad_norms import conv_as_linear, token_grad_sums
+from erasus.ops.model_grad_norms import conv_as_linear, has_trainable_bias, token_grad_sums
 
 BACKENDS = ("reference", "cpp", "triton")
 
@@ -30,6 +31,10 @@ def squared_grad_sum(a: torch.Tensor, g: torch.Tensor, *, backend: str | None = 
     identity (``(sum_t g_t a_t^T)^2`` has cross terms), so each sample's ``G_i^T A_i`` is formed tile by tile
     and squared in place, never as a B x p x d buffer.
 
+    Exact over the whole float32 range: when a float32 square could overflow or underflow (T = 1 squares ``a``
+    and ``g`` separately, so values beyond 2**+-30 are computed in float64) or did overflow, the sum is
+    computed in float64. A result too large for float32 raises :class:`~erasus.errors.NonFiniteError`.
+
     Args:
         a: (B, T, d) or (B, d) inputs; g: (B, T, p) or (B, p) output gradients of the *summed* loss (a
             mean-reduced loss scales every term by 1/B^2). float32, float16 or bfloat16, one dtype.
@@ -45,8 +50,26 @@ def squared_grad_sum(a: torch.Tensor, g: torch.Tensor, *, backend: str | None = 
     return squares_unchecked(a, g, backend)
 
 
-def squares_unchecked(a: torch.Tensor, g: torch.Tensor, backend: str | None = None) -> SquaredGradSum:
-    """:func:`squared_grad_sum` on inputs already checked ((B, T, d), (B, T, p), one dtype, finite)."""
+def squares_unchecked(a: torch.Tensor, g: torch.Tensor, backend: str | None = None, *,
+                      with_bias: bool = True) -> SquaredGradSum:
+    """:func:`squared_grad_sum` on inputs already checked ((B, T, d), (B, T, p), one dtype, finite). With
+    ``with_bias=False`` the bias part is returned as computed (the caller ignores it)."""
+    if a.shape[1] == 1 and not squares_fit(max_abs(a), max_abs(g)):
+        return _exact_squares(a, g, with_bias)
+    res = _fast_squares(a, g, backend)
+    if all_finite(res.weight) and (not with_bias or all_finite(res.bias)):
+        return res
+    return _exact_squares(a, g, with_bias)
+
+
+def _exact_squares(a: torch.Tensor, g: torch.Tensor, with_bias: bool) -> SquaredGradSum:
+    exact = squared_grad_sum_reference(a, g, dtype=torch.float64)
+    return SquaredGradSum(to_float32(exact.weight, "a sum of squared weight gradients"),
+                          to_float32(exact.bias, "a sum of squared bias gradients") if with_bias
+                          else exact.bias.float())
+
+
+def _fast_squares(a: torch.Tensor, g: torch.Tensor, backend: str | None) -> SquaredGradSum:
     batch, steps, d = a.shape
     p = g.shape[2]
     dense = a.is_contiguous() and g.is_contiguous()  # as in grad_norms: C++ only where it needs no copy
@@ -71,15 +94,16 @@ def squares_unchecked(a: torch.Tensor, g: torch.Tensor, backend: str | None = No
     return squared_grad_sum_reference(a, g)
 
 
-def squared_grad_sum_reference(a: torch.Tensor, g: torch.Tensor) -> SquaredGradSum:
-    """Plain-torch oracle: one GEMM of squares for T = 1, else per-sample bmm in chunks of samples (the
-    chunk x p x d buffer stays under ~64 MB)."""
-    af, gf = a.float(), g.float()
+def squared_grad_sum_reference(a: torch.Tensor, g: torch.Tensor, dtype: torch.dtype = torch.float32
+                               ) -> SquaredGradSum:
+    """Plain-torch oracle in ``dtype`` (float32, or float64 for exact range): one GEMM of squares for T = 1,
+    else per-sample bmm in chunks of samples (the chunk x p x d buffer stays under ~64 MB)."""
+    af, gf = a.to(dtype), g.to(dtype)
     bias = gf.sum(dim=1).square().sum(dim=0)
     if af.shape[1] == 1:
         return SquaredGradSum(gf[:, 0].square().T @ af[:, 0].square(), bias)
     chunk = max(1, (1 << 24) // max(1, af.shape[2] * gf.shape[2]))
-    weight = torch.zeros(gf.shape[2], af.shape[2], device=af.device)
+    weight = torch.zeros(gf.shape[2], af.shape[2], dtype=dtype, device=af.device)
     for i in range(0, af.shape[0], chunk):
         weight += torch.bmm(gf[i : i + chunk].transpose(1, 2), af[i : i + chunk]).square().sum(dim=0)
     return SquaredGradSum(weight, bias)
@@ -113,8 +137,10 @@ def fisher_diagonal(model: nn.Module, data: Iterable, *, mode: str = "empirical"
       ``logits_fn(model, batch) -> (B, ..., C)`` logits; ``seed`` seeds the draws.
 
     ``reduction="mean"`` divides by the number of samples (``empirical``, ``mc``) or batches
-    (``batch_squared``); ``"sum"`` returns the plain sums. The model's parameters, ``.grad`` fields and
-    mode are left as they were (it runs in its current mode).
+    (``batch_squared``); ``"sum"`` returns the plain sums. The model's parameters (bit for bit, including rows
+    that ``nn.Embedding(max_norm=...)`` renormalises in its forward), ``.grad`` fields and mode are left as
+    they were (it runs in its current mode): this function does not mutate the model. The per-sample modes
+    refuse, as :func:`erasus.ops.grad_norms` does, a trainable parameter used outside its layer's forward.
 
     Returns:
         ``{parameter name: float32 tensor shaped like the parameter}`` for every trainable parameter.
@@ -145,18 +171,23 @@ def fisher_diagonal(model: nn.Module, data: Iterable, *, mode: str = "empirical"
         raise InvalidInputError("every parameter of the model is frozen (requires_grad=False): nothing to measure")
     fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     count = 0
-    for batch in data:
-        if mode == "batch_squared":
-            count += 1
-            with torch.enable_grad():
-                _accumulate_batch_squared(params, fisher, per_sample_loss(model, batch))
-        else:
-            count += _accumulate_per_sample(model, fisher, per_sample_loss, batch, backend)
+    with _capture.parameters_kept(model):
+        for batch in data:
+            if mode == "batch_squared":
+                count += 1
+                with torch.enable_grad():
+                    _accumulate_batch_squared(params, fisher, per_sample_loss(model, batch))
+            else:
+                count += _accumulate_per_sample(model, fisher, per_sample_loss, batch, backend)
     if count == 0:
         raise EmptyInputError("data yielded no batches")
     if reduction == "mean":
         for value in fisher.values():
             value /= count
+    for name, value in fisher.items():  # the gradients were finite: an infinity here is an overflow of the sum
+        if not all_finite(value):
+            raise NonFiniteError(f"the Fisher of {name} overflows float32 (a squared gradient above 3.4e38) although "
+                                 "the losses and gradients are finite; scale the loss down")
     return fisher
 
 
@@ -199,7 +230,11 @@ def _accumulate_per_sample(model, fisher: dict, loss_fn: Callable, batch, backen
         if record.grad is None:
             continue
         fn = _capture.lookup(FISHER_SAMPLERS, record.module)
-        for pname, value in fn(record.module, record.inputs, record.grad, backend).items():
+        try:
+            values = fn(record.module, record.inputs, record.grad, backend)
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"layer {record.name}: {exc}") from exc
+        for pname, value in values.items():
             full = f"{record.name}.{pname}" if record.name else pname
             fisher[full] += value.reshape(fisher[full].shape).to(fisher[full].device)
     return int(losses.shape[0])
@@ -211,7 +246,7 @@ def linear_fisher(module, inputs, grad, backend):
     a, g = a.reshape(a.shape[0], -1, a.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1])
     if a.dtype != g.dtype:
         a, g = a.float(), g.float()
-    res = squares_unchecked(a, g, backend)
+    res = squares_unchecked(a, g, backend, with_bias=has_trainable_bias(module))
     return _capture.own_trainable(module, {"weight": res.weight, "bias": res.bias})
 
 
@@ -235,5 +270,5 @@ def conv_fisher(module, inputs, grad, backend):
     a, g = conv_as_linear(module, inputs[0], grad)
     if a.dtype != g.dtype:
         a, g = a.float(), g.float()
-    res = squares_unchecked(a, g, backend)
+    res = squares_unchecked(a, g, backend, with_bias=has_trainable_bias(module))
     return _capture.own_trainable(module, {"weight": res.weight.reshape(module.weight.shape), "bias": res.bias})

@@ -7,7 +7,8 @@ import torch
 
 from erasus.errors import DTypeError, InvalidInputError, NonFiniteError, ShapeError
 from erasus.ops import _backend, _cpp
-from erasus.ops._validate import FLOAT_DTYPES, all_finite
+from erasus.ops._magnitude import to_float32
+from erasus.ops._validate import FLOAT_DTYPES, all_finite, max_abs
 
 BACKENDS = ("reference", "cpp", "triton")
 PATHS = ("auto", "outer", "ghost", "materialize")
@@ -44,6 +45,10 @@ def per_sample_grad_norms(a: torch.Tensor, g: torch.Tensor, *, path: str = "auto
     ``g`` must be the gradient of the *sum* of per-sample losses; with a mean-reduced loss every norm is
     scaled by 1/B^2.
 
+    Exact over the whole float32 range: a sample whose float32 result may have lost its value to an overflow
+    or underflow of an intermediate square (values far from 1, e.g. inputs of 1e-25 with gradients of 1e25)
+    is recomputed in float64. A norm too large for float32 raises :class:`~erasus.errors.NonFiniteError`.
+
     Args:
         a: (B, T, d) or (B, d) layer inputs; float32, float16 or bfloat16 (accumulated in float32).
         g: (B, T, p) or (B, p) gradients of the layer outputs, same dtype and (B, T) as ``a``.
@@ -68,13 +73,24 @@ def per_sample_grad_norms(a: torch.Tensor, g: torch.Tensor, *, path: str = "auto
     return norms_unchecked(a, g, path, backend)
 
 
-def norms_unchecked(a: torch.Tensor, g: torch.Tensor, path: str = "auto", backend: str | None = None) -> GradNorms:
+def norms_unchecked(a: torch.Tensor, g: torch.Tensor, path: str = "auto", backend: str | None = None, *,
+                    with_bias: bool = True, out_dtype: torch.dtype = torch.float32) -> GradNorms:
     """:func:`per_sample_grad_norms` on inputs already checked: (B, T, d) and (B, T, p), one dtype and device,
-    finite. The model-level code calls this, having checked its gradients once."""
+    finite. The model-level code calls this, having checked its gradients once; a layer without a trainable
+    bias passes ``with_bias=False``, and the bias part is then returned as computed (an overflow there is not
+    an error, the caller ignores it). ``out_dtype=torch.float64`` returns the squared norms in float64 without
+    a float32 range check (a norm can fit in float32 while its square does not)."""
     batch, steps, d = a.shape
     p = g.shape[2]
     if path == "auto":
         path = choose_path(steps, d, p)
+    res = _fast_norms(a, g, path, backend)
+    return _exact_where_float32_may_fail(a, g, path, res, with_bias, out_dtype)
+
+
+def _fast_norms(a: torch.Tensor, g: torch.Tensor, path: str, backend: str | None) -> GradNorms:
+    batch, steps, d = a.shape
+    p = g.shape[2]
     # On the CPU the C++ kernel wins the T = 1 row norms and thin layers (one side <= 64, e.g. LoRA factors);
     # for wide GEMM-shaped work torch's BLAS wins (bench/RESULTS.md, layer-level table). Strided inputs (the
     # unfolded input of a convolution) would need a copy for C++, while torch's bmm reads them in place.
@@ -101,9 +117,47 @@ def norms_unchecked(a: torch.Tensor, g: torch.Tensor, path: str = "auto", backen
     return per_sample_grad_norms_reference(a, g, path)
 
 
-def per_sample_grad_norms_reference(a: torch.Tensor, g: torch.Tensor, path: str) -> GradNorms:
-    """Plain-torch oracle for each path, in float32."""
-    af, gf = a.float(), g.float()
+# A float32 intermediate below 2**-149 is lost (underflow). The ghost and outer paths square A and G
+# separately, which loses at most 2**-149 T^2 d p (max|a|^2 + max|g|^2) of a sample's squared norm; a result
+# above that loss divided by float32's epsilon (2**-24, with margin: 2**-120 overall) is exact up to rounding.
+_SUSPECT_BELOW = 2.0 ** -120
+
+
+def _exact_where_float32_may_fail(a: torch.Tensor, g: torch.Tensor, path: str, res: GradNorms, with_bias: bool,
+                                  out_dtype: torch.dtype) -> GradNorms:
+    """Recompute in float64 the samples whose float32 result overflowed or may have underflowed."""
+    batch, steps, d = a.shape
+    p = g.shape[2]
+    weight, bias = res.weight.to(out_dtype), res.bias.to(out_dtype)
+    if batch == 0 or steps == 0:
+        return GradNorms(weight, bias)
+    largest_a, largest_g = max_abs(a), max_abs(g)
+    if out_dtype == torch.float64 and with_bias and largest_g < 2.0**-40:
+        # the float32 squares of sums this small may underflow; in float64 they cannot
+        bias = g.sum(dim=1, dtype=torch.float32).double().square().sum(dim=1)
+    suspect = ~torch.isfinite(weight)
+    if with_bias:
+        suspect |= ~torch.isfinite(bias)
+    if largest_a > 0.0 and largest_g > 0.0:  # otherwise every weight gradient is exactly zero
+        suspect |= res.weight < _SUSPECT_BELOW * steps * steps * d * p * (largest_a**2 + largest_g**2)
+    if not bool(suspect.any()):
+        return GradNorms(weight, bias)
+    rows = suspect.nonzero().flatten()
+    exact = per_sample_grad_norms_reference(a[rows], g[rows], path, dtype=torch.float64)
+    weight, bias = weight.clone(), bias.clone()
+    if out_dtype == torch.float64:
+        weight[rows], bias[rows] = exact.weight, exact.bias
+    else:
+        weight[rows] = to_float32(exact.weight, "a per-sample squared weight-gradient norm")
+        bias[rows] = to_float32(exact.bias, "a per-sample squared bias-gradient norm") if with_bias \
+            else exact.bias.float()
+    return GradNorms(weight, bias)
+
+
+def per_sample_grad_norms_reference(a: torch.Tensor, g: torch.Tensor, path: str,
+                                    dtype: torch.dtype = torch.float32) -> GradNorms:
+    """Plain-torch oracle for each path, computed in ``dtype`` (float32, or float64 for exact range)."""
+    af, gf = a.to(dtype), g.to(dtype)
     bias = gf.sum(dim=1).square().sum(dim=1)
     if path == "outer":
         weight = af.square().sum(dim=(1, 2)) * gf.square().sum(dim=(1, 2))
@@ -113,7 +167,7 @@ def per_sample_grad_norms_reference(a: torch.Tensor, g: torch.Tensor, path: str)
         batch, _, d = af.shape
         chunk = max(1, (1 << 24) // max(1, d * gf.shape[2]))
         weight = torch.cat([torch.bmm(gf[i : i + chunk].transpose(1, 2), af[i : i + chunk]).square().sum(dim=(1, 2))
-                            for i in range(0, batch, chunk)])
+                            for i in range(0, batch, chunk)]) if batch else gf.new_zeros(0)
     return GradNorms(weight, bias)
 
 

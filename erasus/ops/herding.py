@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from erasus.ops import _backend, _cpp
-from erasus.ops._validate import check_k, check_matrix
+from erasus.ops._magnitude import coreset_exponent
+from erasus.ops._validate import check_k, check_matrix, max_abs
 
 BACKENDS = ("reference", "cpp", "triton")
 
@@ -15,6 +16,9 @@ def herding(x: torch.Tensor, k: int, *, backend: str | None = None) -> torch.Ten
     Step i chooses the unchosen row x_j minimising ``||(i+1) * mean(x) - S_i - x_j||``, where ``S_i`` is the
     sum of the rows chosen so far. ``S_i`` is updated incrementally (never re-summed), so each step is one
     pass over ``x``. (DeepCore's ``Herding`` takes the argmax of this distance; this is the classic argmin.)
+    Every backend computes on ``x`` rescaled by a power of two (exact) when max|x| is outside [2**-20, 2**20],
+    so squared distances never overflow or underflow: the selection is the same for ``x`` and ``c * x`` (c a
+    power of two; any c up to rounding) over the whole float32 range.
 
     Args:
         x: (n, d) float32, float16 or bfloat16 features, CPU or CUDA; accumulation is float32.
@@ -34,22 +38,24 @@ def herding(x: torch.Tensor, k: int, *, backend: str | None = None) -> torch.Ten
     n = x.shape[0]
     k = check_k(k, n)
     name = _backend.resolve("herding", BACKENDS, x.device, backend)
+    scale = 2.0 ** -coreset_exponent(max_abs(x))
     if name == "cpp":
         out = torch.empty(k, dtype=torch.int64)
         selected = torch.empty(n, dtype=torch.uint8)
-        _cpp.call("herding", _cpp.as_numpy(x), _cpp.elem_name(x.dtype), out.numpy(), selected.numpy())
+        _cpp.call("herding", _cpp.as_numpy(x), _cpp.elem_name(x.dtype), out.numpy(), selected.numpy(), scale)
         return out.to(x.device)
     if name == "triton":
         from erasus.kernels import herding as kernel
 
-        return kernel.herding(x, k)
-    return herding_reference(x, k)
+        return kernel.herding(x, k, scale)
+    return herding_reference(x, k, scale)
 
 
-def herding_reference(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Plain-torch oracle: ``argmin_j ||x_j||^2 - 2 x_j . t`` over unchosen rows, with t = (i+1) mean - S_i.
-    Rows are centred first (the choice is shift-invariant), so the expanded form does not cancel."""
-    xf = x.float()
+def herding_reference(x: torch.Tensor, k: int, scale: float = 1.0) -> torch.Tensor:
+    """Plain-torch oracle on ``x * scale``: ``argmin_j ||x_j||^2 - 2 x_j . t`` over unchosen rows, with
+    t = (i+1) mean - S_i. Rows are centred first (the choice is shift-invariant), so the expanded form does
+    not cancel."""
+    xf = x.float() if scale == 1.0 else x.float() * scale
     xf = xf - xf.mean(dim=0)
     n, d = xf.shape
     sq_norms = (xf * xf).sum(dim=1)

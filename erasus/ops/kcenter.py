@@ -7,7 +7,8 @@ import torch
 
 from erasus.errors import InvalidInputError
 from erasus.ops import _backend, _cpp
-from erasus.ops._validate import check_indices, check_k, check_matrix
+from erasus.ops._magnitude import coreset_exponent
+from erasus.ops._validate import check_indices, check_k, check_matrix, max_abs
 
 BACKENDS = ("reference", "cpp", "triton")
 METRICS = ("l2", "cosine")
@@ -17,8 +18,9 @@ class KCenterResult(NamedTuple):
     indices: torch.Tensor
     """int64 (k,), in selection order, on the input's device; the init centres come first."""
     radius: torch.Tensor
-    """0-d float32: the largest distance from any row to its nearest selected row (Euclidean for
-    ``metric="l2"``, ``1 - cos`` for ``metric="cosine"``); 0 when every row is selected."""
+    """0-d float64: the largest distance from any row to its nearest selected row (Euclidean for
+    ``metric="l2"``, ``1 - cos`` for ``metric="cosine"``); 0 when every row is selected. float64 because the
+    radius of finite float32 rows can exceed the float32 range (up to 2 sqrt(d) max|x|)."""
 
 
 def kcenter_greedy(x: torch.Tensor, k: int, *, metric: str = "l2", init=None, backend: str | None = None
@@ -40,6 +42,9 @@ def kcenter_greedy(x: torch.Tensor, k: int, *, metric: str = "l2", init=None, ba
             (see :func:`erasus.ops.backends`).
 
     Ties go to the lowest row index, so backends agree exactly unless two distances differ only by rounding.
+    Every backend computes on ``x`` rescaled by a power of two (exact) when max|x| is outside [2**-20, 2**20],
+    so squared distances never overflow or underflow: the selection is the same for ``x`` and ``c * x`` (c a
+    power of two; any c up to rounding) over the whole float32 range, and the radius scales by |c|.
 
     Example:
         >>> import torch, erasus.ops
@@ -53,42 +58,54 @@ def kcenter_greedy(x: torch.Tensor, k: int, *, metric: str = "l2", init=None, ba
     if metric not in METRICS:
         raise InvalidInputError(f"metric must be one of {METRICS}, got {metric!r}")
     if metric == "cosine":
-        norms = torch.linalg.vector_norm(x.float(), dim=1, keepdim=True)
-        if bool((norms == 0).any()):
-            raise InvalidInputError("x has an all-zero row, which has no cosine distance; use metric='l2'")
-        x = (x.float() / norms).to(x.dtype)
-    init_idx = _default_init(x) if init is None else check_indices(init, n, "init")
-    if init_idx.numel() > k:
+        x = _unit_rows(x)
+    init_idx = None if init is None else check_indices(init, n, "init")
+    if init_idx is not None and init_idx.numel() > k:
         raise InvalidInputError(f"init holds {init_idx.numel()} indices but k = {k}")
-
     name = _backend.resolve("kcenter_greedy", BACKENDS, x.device, backend)
+    exponent = coreset_exponent(max_abs(x))
+    scale = 2.0 ** -exponent
+    if init_idx is None:
+        init_idx = _default_init(x, scale)
+
     if name == "cpp":
         indices = torch.empty(k, dtype=torch.int64)
         min_dist = torch.empty(n, dtype=torch.float32)
         r2 = _cpp.call("kcenter_greedy", _cpp.as_numpy(x), _cpp.elem_name(x.dtype), init_idx.numpy(),
-                       indices.numpy(), min_dist.numpy())
+                       indices.numpy(), min_dist.numpy(), scale)
         radius2 = torch.tensor(r2, dtype=torch.float32)
     elif name == "triton":
         from erasus.kernels import kcenter as kernel
 
-        indices, radius2, _ = kernel.kcenter_greedy(x, init_idx.to(x.device), k)
+        indices, radius2, _ = kernel.kcenter_greedy(x, init_idx.to(x.device), k, scale)
     else:
-        indices, radius2 = kcenter_greedy_reference(x, k, init_idx)
+        indices, radius2 = kcenter_greedy_reference(x, k, init_idx, scale)
+    radius2 = radius2.double() * 4.0 ** exponent  # back to the units of x (exact: a power of two)
     radius = radius2.sqrt() if metric == "l2" else radius2 / 2  # on unit rows, ||u - v||^2 / 2 = 1 - cos
     return KCenterResult(indices.to(x.device), radius.to(x.device))
 
 
-def _default_init(x: torch.Tensor) -> torch.Tensor:
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    # float64 norms: the squares of any finite float32 row fit, so no row looks zero or infinite by mistake
+    xd = x.double()
+    norms = torch.linalg.vector_norm(xd, dim=1, keepdim=True)
+    if bool((norms == 0).any()):
+        raise InvalidInputError("x has an all-zero row, which has no cosine distance; use metric='l2'")
+    return (xd / norms).to(x.dtype)
+
+
+def _default_init(x: torch.Tensor, scale: float) -> torch.Tensor:
     # direct differences: the expanded ||x||^2 - 2 x.mean cancels catastrophically for features far from 0
-    xf = x.float()
+    xf = x.float() if scale == 1.0 else x.float() * scale
     return torch.argmin(torch.linalg.vector_norm(xf - xf.mean(dim=0), dim=1)).reshape(1).cpu()
 
 
-def kcenter_greedy_reference(x: torch.Tensor, k: int, init: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-torch oracle: running-min loop with one GEMV per centre. Returns (indices, squared radius).
-    Rows are centred first: distances do not change, and the expanded form ||x||^2 + ||c||^2 - 2 x.c then
-    does not cancel for features far from the origin."""
-    xf = x.float()
+def kcenter_greedy_reference(x: torch.Tensor, k: int, init: torch.Tensor, scale: float = 1.0
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch oracle on ``x * scale``: running-min loop with one GEMV per centre. Returns (indices, squared
+    radius of ``x * scale``). Rows are centred first: distances do not change, and the expanded form
+    ||x||^2 + ||c||^2 - 2 x.c then does not cancel for features far from the origin."""
+    xf = x.float() if scale == 1.0 else x.float() * scale
     xf = xf - xf.mean(dim=0)
     n = xf.shape[0]
     sq_norms = (xf * xf).sum(dim=1)

@@ -1,13 +1,15 @@
 """k-means coresets: cluster, then keep the real row nearest each centroid."""
 from __future__ import annotations
 
+import numbers
 from typing import Callable
 
 import torch
 
 from erasus.errors import InvalidInputError
 from erasus.ops import _backend
-from erasus.ops._validate import check_k, check_matrix
+from erasus.ops._magnitude import coreset_exponent
+from erasus.ops._validate import check_k, check_matrix, max_abs
 
 BACKENDS = ("reference", "faiss")
 
@@ -33,7 +35,7 @@ def kmeans_coreset(x: torch.Tensor, k: int, *, niter: int = 20, seed: int = 0, i
         x: (n, d) float32, float16 or bfloat16 features (FAISS computes in float32).
         k: number of rows, 1 <= k <= n.
         niter: Lloyd iterations (>= 1).
-        seed: seeds the initial centroids, so equal seeds give equal coresets.
+        seed: a non-negative integer; seeds the initial centroids, so equal seeds give equal coresets.
         init: ``"k-means++"`` (robust; costs k passes over ``x``) or ``"random"`` (free; may merge clusters).
         backend: ``"faiss"`` (default on CPU when installed) or ``"reference"``.
 
@@ -49,12 +51,17 @@ def kmeans_coreset(x: torch.Tensor, k: int, *, niter: int = 20, seed: int = 0, i
     x = check_matrix(x, "x")
     n, d = x.shape
     k = check_k(k, n)
-    if isinstance(niter, bool) or not isinstance(niter, int) or niter < 1:
+    if isinstance(niter, bool) or not isinstance(niter, numbers.Integral) or niter < 1:
         raise InvalidInputError(f"niter must be a positive integer, got {niter!r}")
     if init not in INITS:
         raise InvalidInputError(f"init must be one of {INITS}, got {init!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
+        raise InvalidInputError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     name = _backend.resolve("kmeans_coreset", BACKENDS, x.device, backend)
-    xf = x.float()
+    # Rescaled by a power of two (exact) when max|x| is far from 1, and centred (k-means is shift-invariant):
+    # squared distances then neither overflow nor cancel, and x and c * x give the same coreset.
+    xf = x.float() * 2.0 ** -coreset_exponent(max_abs(x))
+    xf -= xf.mean(dim=0)
     generator = torch.Generator().manual_seed(int(seed))
     if init == "random":
         init = torch.randperm(n, generator=generator)[:k]

@@ -12,18 +12,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from erasus.errors import UnsupportedLayerError
+from erasus.errors import NonFiniteError, UnsupportedLayerError
+from erasus.ops._magnitude import to_float32
 from erasus.ops import _capture
+from erasus.ops._validate import all_finite
 from erasus.ops.grad_norms import norms_unchecked
 
-# (module, inputs, output_grad, backend) -> float32 (B,) squared norm of the module's own trainable params
+# (module, inputs, output_grad, backend) -> (B,) squared norm of the module's own trainable params, float64
+# (or float32): squares of finite float32 gradients can leave the float32 range while the norm itself fits.
 NormSampler = Callable[[nn.Module, tuple, torch.Tensor, "str | None"], torch.Tensor]
 NORM_SAMPLERS: dict[type, NormSampler] = {}
 
 
 register_norm_sampler = _capture.registrar(NORM_SAMPLERS)
 """``@register_norm_sampler(Layer)``: ``fn(module, inputs, output_grad, backend) -> (B,)`` squared per-sample
-norms over the module's own trainable parameters."""
+norms over the module's own trainable parameters (float64 preferred: square in float64 what may underflow)."""
 
 
 def grad_norms(model: nn.Module, loss_fn: Callable, batch, *, squared: bool = False,
@@ -36,8 +39,11 @@ def grad_norms(model: nn.Module, loss_fn: Callable, batch, *, squared: bool = Fa
             ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``, transformers'
             ``Conv1D`` (GPT-2) and Llama-style RMSNorm; peft LoRA adapters are ``nn.Linear`` layers, so
             freezing the base model measures the adapters only. Parameters with ``requires_grad=False`` are
-            left out. The model runs in its current mode (call ``model.eval()`` to score without dropout);
-            its parameters, ``.grad`` fields and mode are not changed.
+            left out. Each trainable parameter must reach the loss only through the forward of a layer that
+            owns it (an embedding tied to a linear head counts); any other use is refused. The model runs in
+            its current mode (call ``model.eval()`` to score without dropout); its parameters (bit for bit,
+            including the rows ``nn.Embedding(max_norm=...)`` renormalises in its forward), ``.grad`` fields
+            and mode are not changed: this function does not mutate the model.
         loss_fn: ``loss_fn(model, batch) -> (B,)`` per-sample losses (``reduction="none"``; for sequences,
             sum or average each sample's token losses, skipping padding). The gradient taken is that of
             their sum, so sample i's norm is that of ``loss_i`` alone.
@@ -51,7 +57,11 @@ def grad_norms(model: nn.Module, loss_fn: Callable, batch, *, squared: bool = Fa
         float32 (B,) on the model's device.
 
     Raises:
-        UnsupportedLayerError: a trainable layer of an unregistered type (named in the message).
+        UnsupportedLayerError: a trainable layer of an unregistered type, or of a registered type whose forward
+            is overridden, or a trainable parameter used outside its layer's forward (``F.linear(h,
+            layer.weight)``, ``h @ emb.weight.T``, a penalty on the weights in the loss): named in the message.
+        NonFiniteError: also when the result overflows float32 (the message says so). Squares are summed in
+            float64, so a norm that fits in float32 is returned even when its square does not.
         InvalidInputError / ShapeError / NonFiniteError: all parameters frozen, a BatchNorm in training mode,
             a layer called twice per forward, losses that are not per-sample, NaN/inf losses or gradients.
 
@@ -68,14 +78,20 @@ def grad_norms(model: nn.Module, loss_fn: Callable, batch, *, squared: bool = Fa
     register_transformers_layers()
     layers = _capture.trainable_layers(model, NORM_SAMPLERS)
     ties = _shared_parameters(layers)
-    losses, records = _capture.capture(model, layers, loss_fn, batch)
-    total = torch.zeros(losses.shape[0], dtype=torch.float32, device=losses.device)
+    with _capture.parameters_kept(model):
+        losses, records = _capture.capture(model, layers, loss_fn, batch)
+    total = torch.zeros(losses.shape[0], dtype=torch.float64, device=losses.device)
     for record in records:
         if record.grad is not None:
             fn = _capture.lookup(NORM_SAMPLERS, record.module)
-            total += fn(record.module, record.inputs, record.grad, backend).to(total.device)
+            total += fn(record.module, record.inputs, record.grad, backend).to(total.device, torch.float64)
     total += _tied_cross_terms(ties, records)
-    return total if squared else total.sqrt()
+    total.clamp_(min=0.0)  # a negative cross term can take an exact zero a rounding below it
+    if not all_finite(total):
+        raise NonFiniteError("a per-sample squared gradient norm overflows float64 although the losses and "
+                             "gradients are finite; scale the loss down")
+    what = "a per-sample squared gradient norm" if squared else "a per-sample gradient norm"
+    return to_float32(total if squared else total.sqrt(), what)
 
 
 def _shared_parameters(layers) -> list[tuple[nn.Module, nn.Module]]:
@@ -117,7 +133,8 @@ def _tied_cross_terms(ties, records) -> torch.Tensor:
         g_head = h.grad.reshape(batch, hidden.shape[1], -1).float()
         # <sum_s e_{x_s} g_emb_s^T, sum_t g_head_t h_t^T> = sum_{t,s} g_head_t[x_s] (h_t . g_emb_s)
         picked = torch.gather(g_head, 2, ids.unsqueeze(1).expand(-1, g_head.shape[1], -1))
-        total = total + 2 * (picked * torch.bmm(hidden, g_emb.transpose(1, 2))).sum(dim=(1, 2))
+        # one gradient factor per float32 product; the product of two is taken in float64 (range)
+        total = total + 2 * (picked.double() * torch.bmm(hidden, g_emb.transpose(1, 2)).double()).sum(dim=(1, 2))
     return total
 
 
@@ -139,10 +156,14 @@ def _weight_bias(module, weight_sq: torch.Tensor, bias_sq: torch.Tensor) -> torc
                torch.zeros_like(weight_sq))
 
 
+def has_trainable_bias(module) -> bool:
+    return isinstance(getattr(module, "bias", None), torch.Tensor) and module.bias.requires_grad
+
+
 @register_norm_sampler(nn.Linear)
 def linear_norms(module, inputs, grad, backend):
     a, g = _common_dtype(_batched(inputs[0]), _batched(grad))
-    res = norms_unchecked(a, g, backend=backend)
+    res = norms_unchecked(a, g, backend=backend, with_bias=has_trainable_bias(module), out_dtype=torch.float64)
     return _weight_bias(module, res.weight, res.bias)
 
 
@@ -167,7 +188,8 @@ def token_grad_sums(module: nn.Embedding, inputs: tuple, grad: torch.Tensor
 @register_norm_sampler(nn.Embedding)
 def embedding_norms(module, inputs, grad, backend):
     sample, _, sums = token_grad_sums(module, inputs, grad)
-    return torch.zeros(grad.shape[0], device=sums.device).index_add_(0, sample, sums.square().sum(1))
+    squares = sums.double().square().sum(1)
+    return torch.zeros(grad.shape[0], dtype=torch.float64, device=sums.device).index_add_(0, sample, squares)
 
 
 def _conv_padding(module) -> tuple[int, ...]:
@@ -194,10 +216,10 @@ def conv_as_linear(module, x: torch.Tensor, grad: torch.Tensor):
 def conv_norms(module, inputs, grad, backend):
     if module.in_channels >= GROUPED_CONV_MIN_CHANNELS and backend in (None, "reference"):
         return _weight_bias(module, _grouped_conv_weight_sq(module, inputs[0], grad),
-                            grad.reshape(grad.shape[0], grad.shape[1], -1).float().sum(2).square().sum(1))
+                            grad.reshape(grad.shape[0], grad.shape[1], -1).float().sum(2).double().square().sum(1))
     a, g = conv_as_linear(module, inputs[0], grad)
     a, g = _common_dtype(a, g)
-    res = norms_unchecked(a, g, backend=backend)
+    res = norms_unchecked(a, g, backend=backend, with_bias=has_trainable_bias(module), out_dtype=torch.float64)
     return _weight_bias(module, res.weight, res.bias)
 
 
@@ -218,4 +240,4 @@ def _grouped_conv_weight_sq(module, x: torch.Tensor, grad: torch.Tensor) -> torc
                              (batch * module.out_channels, module.in_channels, *module.kernel_size),
                              grad.reshape(1, batch * grad.shape[1], *grad.shape[2:]), stride=module.stride,
                              padding=padding, dilation=module.dilation, groups=batch)
-    return per_sample.reshape(batch, -1).float().square().sum(1)
+    return per_sample.reshape(batch, -1).double().square().sum(1)

@@ -81,3 +81,20 @@ def test_layer_kernels_refuse_mismatched_or_strided_arrays():
         _cpp.call("squared_grad_sum", a.astype(np.float64), g, "float32", np.zeros((5, 4), np.float32), b[:1])
     with pytest.raises(errors.ShapeError, match="weight_out must have shape"):
         _cpp.call("squared_grad_sum", a, g, "float32", np.zeros((4, 5), np.float32), np.zeros(5, np.float32))
+
+
+@pytest.mark.parametrize("scale", [3.0, 0.0, -1.0, float("inf"), float("nan"), 2.0**-130, 2.0**130])
+def test_a_scale_that_is_not_an_exact_float32_power_of_two_is_refused(scale):
+    x, init, out, md = args()
+    with pytest.raises(errors.ShapeError, match="scale must be a power of two"):
+        _cpp.call("kcenter_greedy", x, "float32", init, out, md, scale)
+    with pytest.raises(errors.ShapeError, match="scale must be a power of two"):
+        _cpp.call("herding", x, "float32", out, np.empty(6, np.uint8), scale)
+
+
+def test_the_scale_multiplies_the_rows_exactly():
+    x, init, out, md = args(n=9, d=3)
+    r2 = _cpp.call("kcenter_greedy", x, "float32", init, out, md)
+    out_scaled = np.empty_like(out)
+    r2_scaled = _cpp.call("kcenter_greedy", x * np.float32(2.0**40), "float32", init, out_scaled, md, 2.0**-40)
+    assert out_scaled.tolist() == out.tolist() and r2_scaled == r2
