@@ -3,6 +3,7 @@ trained in seconds, and the two standard scenarios (forget one class; forget a r
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -62,10 +63,17 @@ def cached_model(key: str, build, train_fn) -> nn.Module:
     model = build()
     path = cache_dir() / f"{key}.safetensors"
     if path.exists():
-        model.load_state_dict(load_file(str(path)))
-        return model.eval()
+        try:
+            model.load_state_dict(load_file(str(path)))
+            return model.eval()
+        except Exception as exc:  # a truncated or foreign file: rebuild it rather than fail every later run
+            print(f"erasus: cached model {path} is unreadable ({type(exc).__name__}); retraining it",
+                  file=sys.stderr)
+            model = build()
     train_fn(model)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)  # atomic: a run killed mid-write leaves no truncated cache
     return model.eval()
 
 

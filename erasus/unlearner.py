@@ -46,6 +46,8 @@ class ErasusUnlearner:
             always evaluated on the whole forget set and, separately, on the part left out.
         strategy_params / selector_params: keyword arguments for the registered classes.
         epochs, batch_size, seed: the unlearning loop's passes over the coreset, batch size and shuffling seed.
+        retain_batch_size: the retain batch drawn with each forget batch (default: ``batch_size``); larger
+            retain batches hold utility better at the same number of steps.
         task: the model family (``"classification"``, ``"causal_lm"`` or a Task); inferred from the model.
         lora: a ``peft.LoraConfig`` (or a dict of its fields): train only a LoRA adapter. The frozen reference
             that NPO, SCRUB and the KL terms compare with is then the same model with the adapter disabled,
@@ -55,6 +57,7 @@ class ErasusUnlearner:
             reaches the target: the retrained model's value when ``retrained`` is given, else the original
             model's value on ``test`` (the holdout set), which it never trained on.
         progress: show a tqdm bar of the unlearning steps.
+        overwrite: allow ``out_dir`` to hold a previous run (refused otherwise, before any work).
         out_dir: if given, ``fit`` writes report.json, report.md, PNG plots and the unlearned weights there
             (``model.safetensors``; ``adapter/`` for a peft model), all as safetensors.
 
@@ -78,7 +81,8 @@ class ErasusUnlearner:
                  strategy_params: dict | None = None, selector_params: dict | None = None, epochs: int = 5,
                  batch_size: int = 32, copy: bool = False, seed: int = 0, out_dir: str | Path | None = None,
                  progress: bool = False, task: Task | str | None = None, lora=None, save_merged: bool = False,
-                 stop_at_target: bool = False, eval_every: int | None = None):
+                 stop_at_target: bool = False, eval_every: int | None = None, retain_batch_size: int | None = None,
+                 overwrite: bool = False):
         if not isinstance(model, nn.Module):
             raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(prune_ratio, bool) or not isinstance(prune_ratio, (int, float)) or not 0 < prune_ratio <= 1:
@@ -87,6 +91,9 @@ class ErasusUnlearner:
         _positive_int("batch_size", batch_size)
         if eval_every is not None:
             _positive_int("eval_every", eval_every)
+        if retain_batch_size is not None:
+            _positive_int("retain_batch_size", retain_batch_size)
+        self.retain_batch_size = retain_batch_size or batch_size
         self.model = model
         self.task = infer_task(model, task)
         self.strategy = (get_strategy(strategy, **_seeded(STRATEGIES, strategy, strategy_params, seed))
@@ -108,6 +115,7 @@ class ErasusUnlearner:
         self.prune_ratio, self.epochs, self.batch_size = prune_ratio, epochs, batch_size
         self.copy, self.seed, self.out_dir, self.progress = copy, seed, out_dir, progress
         self.save_merged, self.stop_at_target, self.eval_every = save_merged, stop_at_target, eval_every
+        self.overwrite = overwrite
 
     def fit(self, forget, retain, *, epochs: int | None = None, test=None, retrained: nn.Module | None = None,
             snapshot_every: int = 1) -> tuple[nn.Module, dict]:
@@ -127,6 +135,9 @@ class ErasusUnlearner:
             task.check_model(retrained, {})
         if self.out_dir is not None:
             _check_writable(self.out_dir)
+            if not self.overwrite and (Path(self.out_dir) / "report.json").exists():
+                raise InvalidInputError(f"out_dir {str(self.out_dir)!r} holds a previous run's report; pass "
+                                        "overwrite=True (--overwrite) to replace it, or choose another folder")
 
         model = copy_module.deepcopy(self.model) if self.copy else self.model
         undo = _Undo(model)
@@ -148,7 +159,9 @@ class ErasusUnlearner:
         if self.lora is not None:
             from erasus.tasks.lora import apply_lora
 
-            model = apply_lora(model, self.lora)
+            with torch.random.fork_rng(devices=[]):  # the adapter's init is seeded; the global RNG is left as it was
+                torch.manual_seed(self.seed)
+                model = apply_lora(model, self.lora)
             undo.peft_model = model
         reference = None
         if getattr(self.strategy, "needs_reference", False):
@@ -164,7 +177,7 @@ class ErasusUnlearner:
 
         g = torch.Generator().manual_seed(self.seed)
         forget_loader = CountingLoader(task.loader(coreset, self.batch_size, shuffle=True, generator=g), task)
-        retain_loader = task.loader(retain_ds, self.batch_size, shuffle=True,
+        retain_loader = task.loader(retain_ds, self.retain_batch_size, shuffle=True,
                                     generator=torch.Generator().manual_seed(self.seed + 1))
         curves = {"step": [], "loss": [], "epoch": [], "forget": [], "retain": [], "label": task.curve_label}
         target = self._target(task, model, retrained, forget_ds, retain_ds, test_ds)
@@ -263,9 +276,13 @@ class ErasusUnlearner:
             if self.save_merged:
                 save_merged(model, out / "merged")
         else:
+            import os
+
             from safetensors.torch import save_model
 
-            save_model(model, str(out / "model.safetensors"))  # safetensors, never pickle
+            tmp = out / "model.safetensors.tmp"
+            save_model(model, str(tmp))  # safetensors, never pickle; renamed into place when complete
+            os.replace(tmp, out / "model.safetensors")
 
     def _select(self, forget_ds: Dataset, model: nn.Module) -> torch.Tensor:
         n = len(forget_ds)
