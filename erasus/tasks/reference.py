@@ -44,7 +44,7 @@ class Reference:
         """Memory held by the reference beyond the model: 0 when shared."""
         if self._copy is None or self._copy is self.model:
             return 0
-        return sum(t.numel() * t.element_size() for t in self._copy.state_dict().values())
+        return unique_bytes(self._copy)
 
     @contextlib.contextmanager
     def use(self):
@@ -63,6 +63,17 @@ class Reference:
     def outputs(self, task, batch) -> torch.Tensor:
         with torch.no_grad(), self.use() as module:
             return task.outputs(module, batch)
+
+
+def unique_bytes(model: nn.Module) -> int:
+    """Bytes of a model's parameters and buffers, each storage counted once (tied weights share one)."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:

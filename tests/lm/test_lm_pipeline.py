@@ -67,7 +67,10 @@ def test_a_frozen_copy_reference_costs_the_model_and_the_adapter_one_costs_nothi
     from erasus.tasks.lora import apply_lora, remove_lora
 
     copy_ref = Reference(model)
-    assert copy_ref.copied_bytes == sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    tied = model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    once = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers())
+    assert tied and copy_ref.copied_bytes == once  # the tied head and embedding counted once
     import copy
 
     peft_model = apply_lora(copy.deepcopy(model), LORA)
