@@ -96,15 +96,17 @@ def _numbers(params):
     """YAML reads ``1e-3`` as a string: turn number-like strings in a parameter mapping into numbers."""
     if not isinstance(params, dict):
         return params
-    out = {}
-    for k, v in params.items():
-        if isinstance(v, str):
-            try:
-                v = int(v) if v.strip().lstrip("+-").isdigit() else float(v)
-            except ValueError:
-                pass
-        out[k] = v
-    return out
+    return {k: _number(v) if isinstance(v, str) else v for k, v in params.items()}
+
+
+def _number(text: str):
+    """``text`` as an int or a float when it spells one, else unchanged."""
+    if text.strip().lstrip("+-").isdigit():
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def unlearn_from_config(path: str, overwrite: bool = False) -> dict:

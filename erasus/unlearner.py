@@ -325,8 +325,7 @@ def _check_writable(out_dir) -> None:
         raise InvalidInputError("out_dir is empty: give a folder name (or None for no files)")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path):
-            pass
+        tempfile.NamedTemporaryFile(dir=path).close()  # a file can be created (and is removed on close)
     except OSError as exc:
         raise InvalidInputError(f"out_dir {str(path)!r} is not writable: {exc}") from exc
 

@@ -31,10 +31,6 @@ class ModelState:
             for t, c in zip(self.tensors, self.copies):
                 c.copy_(t)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(c.numel() * c.element_size() for c in self.copies)
-
 
 class TrainingGuard:
     """Keeps a copy of the last good trainable weights and buffers (taken every ``snapshot_every`` steps, and at

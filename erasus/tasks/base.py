@@ -17,7 +17,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from erasus import registry
-from erasus._device import model_device, to_device
 from erasus.errors import EmptyInputError, InvalidInputError
 
 TASKS: dict[str, type["Task"]] = {}
@@ -39,7 +38,7 @@ class Task(abc.ABC):
 
     def loader(self, dataset: Dataset, batch_size: int, *, shuffle: bool = False,
                generator: torch.Generator | None = None) -> DataLoader:
-        collate = getattr(_root(dataset)[0], "collate", None)
+        collate = getattr(root_dataset(dataset), "collate", None)
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
                           collate_fn=collate)
 
@@ -185,7 +184,3 @@ def nonempty(data: Dataset, name: str) -> Dataset:
         raise EmptyInputError(f"{name} set is empty")
     return data
 
-
-def forward(model: nn.Module, task: Task, batch) -> torch.Tensor:
-    """``task.outputs`` with the batch moved to the model's device first."""
-    return task.outputs(model, to_device(batch, model_device(model)))

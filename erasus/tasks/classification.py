@@ -42,8 +42,8 @@ class Classification(Task, name="classification"):
         """Same indices of one dataset, or identical input rows (any Dataset whose items hold tensors)."""
         if check_same_root_disjoint(forget, retain):
             return
-        keys = {_content_key(forget, i) for i in range(len(forget))}
-        shared = sum(_content_key(retain, i) in keys for i in range(len(retain)))
+        keys = set(_content_keys(forget))
+        shared = sum(key in keys for key in _content_keys(retain))
         if shared:
             raise InvalidInputError(f"forget and retain share {shared} identical input rows")
 
@@ -97,15 +97,17 @@ def _labels(logits: torch.Tensor, batch) -> torch.Tensor:
     return y
 
 
-def _content_key(ds: Dataset, i: int) -> bytes:
-    """A digest of sample i's input, so that datasets of any type can be compared by content."""
+def _content_keys(ds: Dataset) -> list[bytes]:
+    """A digest of each sample's input, so that datasets of any type can be compared by content."""
     root, idx = _root(ds)
-    if isinstance(root, TensorDataset):
-        x = root.tensors[0][idx[i]]
-    else:
-        item = ds[i]
-        x = item[0] if isinstance(item, (tuple, list)) else item
-    if not isinstance(x, torch.Tensor):
-        x = torch.as_tensor(x)
-    x = x.detach().cpu().contiguous()
-    return hashlib.blake2b(x.numpy().tobytes() + str((x.dtype, tuple(x.shape))).encode(), digest_size=16).digest()
+    keys = []
+    for i in range(len(ds)):
+        if isinstance(root, TensorDataset):
+            x = root.tensors[0][idx[i]]
+        else:
+            item = ds[i]
+            x = item[0] if isinstance(item, (tuple, list)) else item
+        x = torch.as_tensor(x).detach().cpu().contiguous()
+        raw = x.reshape(-1).view(torch.uint8).numpy().tobytes()  # bytes of any dtype, bf16 included
+        keys.append(hashlib.blake2b(raw + str((x.dtype, tuple(x.shape))).encode(), digest_size=16).digest())
+    return keys
