@@ -19,13 +19,6 @@ DEMO_METHODS = [  # (label, strategy, params, selector, prune_ratio, epochs)
     ("SSD (alpha 5), full", "ssd", {"alpha": 5.0}, None, 1.0, 1),
 ]
 
-CONFIG_KEYS = {"scenario", "forget_class", "forget_fraction", "strategy", "strategy_params", "selector",
-               "selector_params", "prune_ratio", "epochs", "batch_size", "seed", "out_dir", "task"}
-LM_CONFIG_KEYS = {"task", "arch", "model", "retrained", "data", "forget_fraction", "strategy", "strategy_params",
-                  "selector", "selector_params", "prune_ratio", "epochs", "batch_size", "seed", "out_dir", "lora",
-                  "save_merged", "stop_at_target", "max_length"}
-
-
 def scenario_data(scenario: str, seed: int = 0, forget_class: int = 3, forget_fraction: float = 0.1):
     """Digits split for a scenario: (forget, retain, test, original model, retrained model). For the class
     scenario, the test set leaves the forgotten class out (TA on the other classes, as SalUn reports it)."""
@@ -75,119 +68,86 @@ def demo(out_dir: str | None = None) -> list[dict]:
     return rows
 
 
-def _typed(config: dict, key: str, kind: type, default):
-    """``config[key]`` as an int or a float (``default`` when absent), or an error naming the key."""
-    value = config.get(key, default)
+def read_config(path: str):
+    """The validated config in the YAML file ``path``: a :class:`~erasus.settings.ClassificationConfig` or, with
+    ``task: causal_lm``, a :class:`~erasus.settings.CausalLMConfig` (number-like strings read as numbers where a
+    number is wanted; every bad key an :class:`InvalidInputError` naming it)."""
+    import yaml
+
+    from erasus.settings import CausalLMConfig, ClassificationConfig, coerce_config, validate
+
     try:
-        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
-            raise ValueError
-        return kind(value)
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"config key {key!r} must be {'an integer' if kind is int else 'a number'}, "
-                                f"got {value!r}") from None
-
-
-def _check_out_dir(config: dict) -> None:
-    if "out_dir" in config and (not isinstance(config["out_dir"], str) or not config["out_dir"].strip()):
-        raise InvalidInputError(f"config key 'out_dir' must name a folder, got {config['out_dir']!r}")
-
-
-def _numbers(params):
-    """YAML reads ``1e-3`` as a string: turn number-like strings in a parameter mapping into numbers."""
-    if not isinstance(params, dict):
-        return params
-    return {k: _number(v) if isinstance(v, str) else v for k, v in params.items()}
-
-
-def _number(text: str):
-    """``text`` as an int or a float when it spells one, else unchanged."""
-    if text.strip().lstrip("+-").isdigit():
-        return int(text)
-    try:
-        return float(text)
-    except ValueError:
-        return text
+        config = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise InvalidInputError(f"{path}: cannot read the config: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise InvalidInputError(f"{path}: not valid YAML: {exc}") from exc
+    config = {} if config is None else config
+    if not isinstance(config, dict):
+        raise InvalidInputError(f"{path}: the config must be a mapping of keys to values")
+    task = config.get("task", "classification")
+    if task not in ("classification", "causal_lm", "lm"):
+        raise InvalidInputError(f"{path}: task must be 'classification' or 'causal_lm', got {task!r}")
+    schema = ClassificationConfig if task == "classification" else CausalLMConfig
+    return validate(schema, coerce_config(config, schema), where=f"{path}: config key ")
 
 
 def unlearn_from_config(path: str, overwrite: bool = False) -> dict:
-    import yaml
-
+    from erasus.report import markdown
+    from erasus.settings import ClassificationConfig
     from erasus.unlearner import ErasusUnlearner
 
-    config = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(config, dict):
-        raise InvalidInputError(f"{path}: the config must be a mapping of keys to values")
-    _check_out_dir(config)
-    if config.get("task") in ("causal_lm", "lm"):
-        return unlearn_lm_from_config(path, config, overwrite)
-    if config.get("task", "classification") != "classification":
-        raise InvalidInputError(f"{path}: task must be 'classification' or 'causal_lm', got {config['task']!r}")
-    unknown = set(config) - CONFIG_KEYS
-    if unknown:
-        raise InvalidInputError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(CONFIG_KEYS)}")
-    seed = _typed(config, "seed", int, 0)
-    forget, retain, test, original, retrained = scenario_data(
-        config.get("scenario", "class"), seed, _typed(config, "forget_class", int, 3),
-        _typed(config, "forget_fraction", float, 0.1))
-    unlearner = ErasusUnlearner(original, strategy=config.get("strategy", "npo"),
-                                selector=config.get("selector", "kcenter"),
-                                prune_ratio=_typed(config, "prune_ratio", float, 0.2),
-                                strategy_params=_numbers(config.get("strategy_params")),
-                                selector_params=_numbers(config.get("selector_params")), epochs=_typed(config, "epochs", int, 5),
-                                batch_size=_typed(config, "batch_size", int, 32), copy=True, seed=seed,
-                                out_dir=config.get("out_dir", "erasus-run"), progress=True, overwrite=overwrite)
+    config = read_config(path)
+    if not isinstance(config, ClassificationConfig):
+        return unlearn_lm_from_config(config, overwrite)
+    forget, retain, test, original, retrained = scenario_data(config.scenario, config.seed, config.forget_class,
+                                                              config.forget_fraction)
+    unlearner = ErasusUnlearner(original, strategy=config.strategy, selector=config.selector,
+                                prune_ratio=config.prune_ratio, strategy_params=config.strategy_params,
+                                selector_params=config.selector_params, epochs=config.epochs,
+                                batch_size=config.batch_size, copy=True, seed=config.seed, out_dir=config.out_dir,
+                                progress=True, overwrite=overwrite)
     _, report = unlearner.fit(forget, retain, test=test, retrained=retrained)
-    from erasus.report import markdown
-
     print(markdown(report))
     print(f"Report written to {unlearner.out_dir}")
     return report
 
 
-def unlearn_lm_from_config(path: str, config: dict, overwrite: bool = False) -> dict:
-    """A causal-LM run: a local model folder (``model:``, loaded offline with its tokenizer) or the embedded
-    tiny scenario (``arch:``), on QA data from JSON-lines files (``data: {forget:, retain:, holdout:}``, records
-    with "question" and "answer") or the generated TOFU-style corpus (``forget_fraction``)."""
+def unlearn_lm_from_config(config, overwrite: bool = False) -> dict:
+    """A causal-LM run (a validated :class:`~erasus.settings.CausalLMConfig`): a local model folder (``model:``,
+    loaded offline with its tokenizer) or the embedded tiny scenario (``arch:``), on QA data from JSON-lines
+    files (``data: {forget:, retain:, holdout:}``, records with "question" and "answer") or the generated
+    TOFU-style corpus (``forget_fraction``)."""
     from erasus.data.text import QADataset
     from erasus.report import markdown
     from erasus.unlearner import ErasusUnlearner
 
-    unknown = set(config) - LM_CONFIG_KEYS
-    if unknown:
-        raise InvalidInputError(f"{path}: unknown keys {sorted(unknown)}; known for task causal_lm: "
-                                f"{sorted(LM_CONFIG_KEYS)}")
-    seed = _typed(config, "seed", int, 0)
-    if config.get("model") is not None:
+    if config.model is not None:
         from erasus.tasks.loading import load_causal_lm
 
-        model, tokenizer = load_causal_lm(config["model"])
-        retrained = load_causal_lm(config["retrained"])[0] if config.get("retrained") else None
-        if not config.get("data"):
-            raise InvalidInputError(f"{path}: a local model needs data: {{forget: ..., retain: ..., holdout: ...}} "
-                                    "(JSON-lines files of question/answer records)")
+        if config.data is None:
+            raise InvalidInputError("config key 'data': a local model needs data: {forget: ..., retain: ..., "
+                                    "holdout: ...} (JSON-lines files of question/answer records)")
+        model, tokenizer = load_causal_lm(config.model)
+        retrained = load_causal_lm(config.retrained)[0] if config.retrained else None
     else:
         from erasus.data.lm_models import lm_scenario
 
-        scenario = lm_scenario(config.get("arch", "gpt2"), _typed(config, "forget_fraction", float, 0.1), seed=seed)
+        scenario = lm_scenario(config.arch, config.forget_fraction, seed=config.seed)
         model, tokenizer, retrained = scenario["original"], scenario["tokenizer"], scenario["retrained"]
-    context = getattr(model.config, "max_position_embeddings", None)
-    max_length = config.get("max_length", context)
-    if config.get("data"):
-        data = config["data"]
-        if not isinstance(data, dict) or not {"forget", "retain"} <= set(data):
-            raise InvalidInputError(f"{path}: data must map forget, retain (and optionally holdout) to files")
-        sets = {k: QADataset(_read_jsonl(v, k), tokenizer, max_length=max_length) for k, v in data.items()
-                if k in ("forget", "retain", "holdout")}
+    max_length = config.max_length or getattr(model.config, "max_position_embeddings", None)
+    if config.data is not None:
+        files = {"forget": config.data.forget, "retain": config.data.retain, "holdout": config.data.holdout}
+        sets = {k: QADataset(_read_jsonl(v, k), tokenizer, max_length=max_length) for k, v in files.items()
+                if v is not None}
     else:
         sets = {k: scenario[k] for k in ("forget", "retain", "holdout")}
-    unlearner = ErasusUnlearner(model, strategy=config.get("strategy", "npo"), selector=config.get("selector"),
-                                prune_ratio=_typed(config, "prune_ratio", float, 1.0),
-                                strategy_params=_numbers(config.get("strategy_params")),
-                                selector_params=_numbers(config.get("selector_params")), epochs=_typed(config, "epochs", int, 5),
-                                batch_size=_typed(config, "batch_size", int, 8), copy=True, seed=seed,
-                                out_dir=config.get("out_dir", "erasus-run"), progress=True, task="causal_lm",
-                                lora=config.get("lora"), save_merged=bool(config.get("save_merged", False)),
-                                stop_at_target=bool(config.get("stop_at_target", False)), overwrite=overwrite)
+    unlearner = ErasusUnlearner(model, strategy=config.strategy, selector=config.selector,
+                                prune_ratio=config.prune_ratio, strategy_params=config.strategy_params,
+                                selector_params=config.selector_params, epochs=config.epochs,
+                                batch_size=config.batch_size, copy=True, seed=config.seed, out_dir=config.out_dir,
+                                progress=True, task="causal_lm", lora=config.lora, save_merged=config.save_merged,
+                                stop_at_target=config.stop_at_target, overwrite=overwrite)
     _, report = unlearner.fit(sets["forget"], sets["retain"], test=sets.get("holdout"), retrained=retrained)
     print(markdown(report))
     print(f"Report written to {unlearner.out_dir}")
@@ -213,6 +173,8 @@ def _read_jsonl(path, name: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from erasus.settings import CausalLMConfig, ClassificationConfig
+
     parser = argparse.ArgumentParser(prog="erasus", description="Machine unlearning with coreset-driven forgetting.")
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="forget a class and a random 10%% of digits; print a table vs retrain")
@@ -223,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     p_run = sub.add_parser(
         "unlearn", help="run one strategy x selector x scenario from a YAML config",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (classification, the digits scenarios): " + ", ".join(sorted(CONFIG_KEYS))
-        + "\nconfig keys (task: causal_lm): " + ", ".join(sorted(LM_CONFIG_KEYS))
+        epilog="config keys (classification, the digits scenarios): " + ", ".join(sorted(ClassificationConfig.model_fields))
+        + "\nconfig keys (task: causal_lm): " + ", ".join(sorted(CausalLMConfig.model_fields))
         + "\nnumbers written as strings in YAML (lr: 1e-3) are read as numbers; see README for each key")
     p_run.add_argument("--config", required=True, help="YAML file (see README)")
     p_run.add_argument("--overwrite", action="store_true", help="replace a previous run in out_dir")

@@ -3,7 +3,7 @@ trained in seconds, and the two standard scenarios (forget one class; forget a r
 from __future__ import annotations
 
 import os
-import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -43,6 +43,9 @@ def split_scenario(train: TensorDataset, scenario: str, *, forget_class: int = 3
     if scenario == "class":
         mask = labels == forget_class
     elif scenario == "random":
+        if isinstance(forget_fraction, bool) or not isinstance(forget_fraction, (int, float)) or \
+                not 0 < forget_fraction < 1:
+            raise InvalidInputError(f"forget_fraction must be a number in (0, 1), got {forget_fraction!r}")
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         mask = torch.zeros(n, dtype=torch.bool)
         mask[perm[: max(1, int(round(forget_fraction * n)))]] = True
@@ -67,8 +70,8 @@ def cached_model(key: str, build, train_fn) -> nn.Module:
             model.load_state_dict(load_file(str(path)))
             return model.eval()
         except Exception as exc:  # a truncated or foreign file: rebuild it rather than fail every later run
-            print(f"erasus: cached model {path} is unreadable ({type(exc).__name__}); retraining it",
-                  file=sys.stderr)
+            warnings.warn(f"erasus: cached model {path} could not be loaded ({type(exc).__name__}); retraining it",
+                          stacklevel=2)
             model = build()
     train_fn(model)
     tmp = path.with_name(path.name + ".tmp")

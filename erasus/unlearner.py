@@ -20,6 +20,7 @@ from tqdm import tqdm
 from erasus.errors import InvalidInputError
 from erasus.metrics import average_gap
 from erasus.selectors import SELECTORS, get_selector
+from erasus.settings import UnlearnerSettings, validate
 from erasus.strategies import STRATEGIES, TrainingGuard, get_strategy
 from erasus.strategies.guard import ModelState
 from erasus.tasks import Reference, Task, infer_task
@@ -85,14 +86,11 @@ class ErasusUnlearner:
                  overwrite: bool = False):
         if not isinstance(model, nn.Module):
             raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(prune_ratio, bool) or not isinstance(prune_ratio, (int, float)) or not 0 < prune_ratio <= 1:
-            raise InvalidInputError(f"prune_ratio must be a number in (0, 1], got {prune_ratio!r}")
-        _positive_int("epochs", epochs)
-        _positive_int("batch_size", batch_size)
-        if eval_every is not None:
-            _positive_int("eval_every", eval_every)
-        if retain_batch_size is not None:
-            _positive_int("retain_batch_size", retain_batch_size)
+        validate(UnlearnerSettings, {
+            "prune_ratio": prune_ratio, "strategy_params": strategy_params, "selector_params": selector_params,
+            "epochs": epochs, "batch_size": batch_size, "copy": copy, "seed": seed, "out_dir": out_dir,
+            "progress": progress, "save_merged": save_merged, "stop_at_target": stop_at_target,
+            "eval_every": eval_every, "retain_batch_size": retain_batch_size, "overwrite": overwrite})
         self.retain_batch_size = retain_batch_size or batch_size
         self.model = model
         self.task = infer_task(model, task)
@@ -128,8 +126,7 @@ class ErasusUnlearner:
         forget_ds, retain_ds = task.as_dataset(forget, "forget"), task.as_dataset(retain, "retain")
         task.check_disjoint(forget_ds, retain_ds)
         test_ds = task.as_dataset(test, "test") if test is not None else None
-        epochs = self.epochs if epochs is None else epochs
-        _positive_int("epochs", epochs)
+        epochs = self.epochs if epochs is None else validate(UnlearnerSettings, {"epochs": epochs}).epochs
         task.check_model(self.model, {"forget": forget_ds, "retain": retain_ds, "test": test_ds})
         if retrained is not None:
             task.check_model(retrained, {})
@@ -312,17 +309,10 @@ class _Undo:
         self.model.train(self.training)
 
 
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
-
-
 def _check_writable(out_dir) -> None:
     import tempfile
 
     path = Path(out_dir)
-    if str(out_dir) == "":
-        raise InvalidInputError("out_dir is empty: give a folder name (or None for no files)")
     try:
         path.mkdir(parents=True, exist_ok=True)
         tempfile.NamedTemporaryFile(dir=path).close()  # a file can be created (and is removed on close)

@@ -6,7 +6,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from erasus._device import model_device
-from erasus.errors import EmptyInputError
+from erasus.errors import EmptyInputError, InvalidInputError
 
 
 def predict_logits(model: nn.Module, data, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,7 +26,12 @@ def predict_logits(model: nn.Module, data, batch_size: int = 512) -> tuple[torch
         model.train(was_training)
     if not logits:
         raise EmptyInputError("data holds no samples")
-    return torch.cat(logits), torch.cat(labels)
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool or \
+            labels.is_complex():
+        raise InvalidInputError(f"labels must be a 1-D integer tensor of class indices, got dtype {labels.dtype} "
+                                f"and shape {tuple(labels.shape)}")
+    return logits, labels
 
 
 def accuracy(model: nn.Module, data, batch_size: int = 512) -> float:

@@ -195,6 +195,9 @@ def _sampled_label_loss(logits_fn: Callable, generator: torch.Generator) -> Call
     def loss(model, batch):
         logits = logits_fn(model, batch)
         flat = logits.reshape(-1, logits.shape[-1])
+        if not bool(torch.isfinite(flat.detach()).all()):
+            raise NonFiniteError("mode='mc': logits_fn returned NaN or infinite logits, so no label can be drawn "
+                                 "from the model's distribution")
         probs = torch.softmax(flat.detach().float(), dim=-1).cpu()
         labels = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(flat.device)
         ce = nn.functional.cross_entropy(flat.float(), labels, reduction="none")

@@ -20,7 +20,7 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text("strategy: npo\nlearning_rate: 1\n")
     assert main(["unlearn", "--config", str(config)]) == 2
-    assert "unknown keys ['learning_rate']" in capsys.readouterr().err
+    assert "config key 'learning_rate' is unknown (known: batch_size, epochs," in capsys.readouterr().err
 
 
 def test_demo_runs_as_a_module_and_prints_the_table(tmp_path):
