@@ -1,7 +1,8 @@
 """Does unlearning a coreset of the forget set work as well as unlearning all of it, at less cost?
 
-    python bench/coreset_efficacy.py            # 3 seeds, both scenarios, both protocols
-    python bench/coreset_efficacy.py --quick    # 1 seed, one strategy: a smoke run
+    python bench/coreset_efficacy.py             # 3 seeds, both scenarios, both protocols; prints only
+    python bench/coreset_efficacy.py --quick     # 1 seed, one strategy: a smoke run
+    python bench/coreset_efficacy.py --record    # the full run, appended to bench/RESULTS.md with its plot
 
 For each scenario (forget digit class 3; forget a random 10%), strategy (all eight) and seed: selectors random /
 kcenter / herding / gradnorm at prune ratios 0.1, 0.2, 0.5, and the full forget set, under two protocols:
@@ -9,8 +10,10 @@ fixed epochs over the (sub)set (coresets cost less) and fixed optimiser steps (s
 Forgetting is scored on the whole forget set and on its unselected part (UPCORE's rule), as gaps to a
 model retrained on the retain set; utility as retain (RA) and test (TA) accuracy. Cost is counted in
 forget-side sample passes and wall time. Results: mean ± std over seeds, a Pareto plot, and a plain statement
-of which selector beats random at equal compute, appended to bench/RESULTS.md
-(../shared/reference/coreset_evaluation.md gives the protocol).
+of which selector beats random at equal compute (../shared/reference/coreset_evaluation.md gives the protocol).
+With --record they are appended to bench/RESULTS.md and the plot replaces bench/coreset_pareto.png; without
+it the tables are printed, the plot goes to a new temporary folder (its path is printed) and nothing tracked
+is written.
 """
 from __future__ import annotations
 
@@ -18,7 +21,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE] + [_HERE]
@@ -92,21 +94,24 @@ def mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--seeds", type=int, default=None)
-    parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="1 seed, one strategy: a smoke run")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --quick)")
+    harness.add_record_flag(parser)
     parser.add_argument("--attack-models", type=int, default=None,
                         help="N for the per-example attack (default 8; 4 with --quick)")
     parser.add_argument("--attack-only", action="store_true", help="run only the per-example attack table")
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
     n_models = args.attack_models or (4 if args.quick else 8)
     if args.attack_only:
         body = "\n".join(attack_table(n_models)[1:])
         print(body)
-        if not args.no_record:
-            harness.append_results("bench/coreset_efficacy.py --attack-only", body)
+        harness.record_results(args, "bench/coreset_efficacy.py --attack-only", body)
         return
     harness.pin_threads()
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
@@ -175,14 +180,12 @@ def main():
                        f"{best[2]} ({best[3]}) {best[0]:.3f}.")
     body = "\n".join(lines + verdict + attack_table(n_models))
     print(body)
-    # only a recorded run replaces the committed plot
-    plot = os.path.join(_HERE if not args.no_record else tempfile.gettempdir(), "coreset_pareto.png")
+    plot = harness.plot_path(args, "coreset_pareto.png")  # only a recorded run replaces the committed plot
     pareto_plot(points, plot, title="coreset unlearning on digits: forgetting gap vs retain accuracy")
     print(f"Pareto plot: {plot}")
-    if not args.no_record:
-        harness.append_results(f"bench/coreset_efficacy.py{' --quick' if args.quick else ''}",
-                               body + "\n\nPareto plot (|UA - UA_retrained| vs RA, fixed-epochs runs): "
-                               "bench/coreset_pareto.png")
+    harness.record_results(args, f"bench/coreset_efficacy.py{' --quick' if args.quick else ''}",
+                           body + "\n\nPareto plot (|UA - UA_retrained| vs RA, fixed-epochs runs): "
+                           "bench/coreset_pareto.png")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Per-sample gradient norms and the diagonal Fisher: ours against the per-sample loop, torch.func, Opacus and
 BackPACK, and against one plain forward+backward of the same batch.
 
-    python bench/grad_norms.py            # the grid below
-    python bench/grad_norms.py --quick    # smaller shapes
+    python bench/grad_norms.py             # the grid below; prints only
+    python bench/grad_norms.py --quick     # smaller shapes
+    python bench/grad_norms.py --record    # the grid, and appends the table to bench/RESULTS.md
 
 Opacus and BackPACK are optional (`pip install ".[bench]"`); BackPACK pulls in torchvision, which does not
 import beside the CPU torch 2.13 build, so run this script in its own environment (README, Benchmarks).
@@ -11,7 +12,8 @@ A baseline that is not installed is reported as such, not skipped silently.
 For each model and batch, in one process: every implementation is first checked against the per-sample loop
 (norms to rtol 1e-3), then all are timed interleaved; printed are the median time (20/80 quantiles), the
 ratio to ours, the ratio to one plain forward+backward, and the peak memory (CUDA) or the analytic extra
-memory of per-sample gradients (CPU). A dated table is appended to bench/RESULTS.md.
+memory of per-sample gradients (CPU). With --record, a dated table is appended to bench/RESULTS.md;
+without it nothing tracked is written.
 """
 from __future__ import annotations
 
@@ -250,12 +252,16 @@ def run(label, model, x, y, loss, impls, repeats, bar, device):
     return times, notes
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--no-record", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="smaller shapes")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per implementation")
+    harness.add_record_flag(parser)
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
     threads = harness.pin_threads()
     repeats = args.repeats or (3 if args.quick else 5)
     device = torch.device("cpu")
@@ -289,8 +295,7 @@ def main():
                      + layer_table(args.quick, repeats, device)
                      + ["", "Model level:", ""] + lines + [""] + [f"- {n}" for n in notes])
     print(body)
-    if not args.no_record:
-        harness.append_results(f"bench/grad_norms.py{' --quick' if args.quick else ''}", body)
+    harness.record_results(args, f"bench/grad_norms.py{' --quick' if args.quick else ''}", body)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,20 @@
 """Shared benchmark plumbing: the machine's name and bandwidth, interleaved timing, and RESULTS.md records.
 
+Recording is opt-in: a script writes bench/RESULTS.md or a committed plot only when run with ``--record``
+(``add_record_flag``); by default it prints its tables and puts any plot in a fresh temporary folder.
+
 Protocol (../shared/reference/kernels.md, section 8): in one process, check every implementation against
 the reference first, then time all of them interleaved (ABAB...) and report medians with 20/80 quantiles.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -107,12 +112,38 @@ def versions() -> str:
     return ", ".join(parts)
 
 
+def add_record_flag(parser: argparse.ArgumentParser) -> None:
+    """``--record`` (append to bench/RESULTS.md, replace committed plots); off by default. ``--no-record`` is
+    accepted too and means the default, so older command lines still run and write nothing."""
+    parser.add_argument("--record", action=argparse.BooleanOptionalAction, default=False,
+                        help="append the tables to bench/RESULTS.md and replace the committed plots "
+                             "(default: print only; plots go to a temporary folder)")
+
+
+def record_results(args: argparse.Namespace, title: str, body: str, path: Path | None = None) -> bool:
+    """Append ``body`` to RESULTS.md only if the run asked for ``--record``; returns whether it did."""
+    if not args.record:
+        return False
+    target = RESULTS if path is None else path
+    append_results(title, body, target)
+    print(f"\nAppended to {target}")
+    return True
+
+
+def plot_path(args: argparse.Namespace, name: str) -> Path:
+    """Where a plot goes: beside this file (replacing the committed one) under ``--record``, else a new
+    temporary folder, so a plain run never touches a tracked file."""
+    folder = Path(__file__).resolve().parent if args.record else Path(tempfile.mkdtemp(prefix="erasus-bench-"))
+    return folder / name
+
+
 def append_results(title: str, body: str, path: Path = RESULTS) -> None:
+    """Append a dated section to ``path`` unconditionally; scripts go through ``record_results``."""
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     header = (f"\n## {title} — {stamp}\n\nMachine: {machine_name()} (host `{platform.node()}`); threads "
               f"{torch.get_num_threads()}; {versions()}; git {git_sha()}.\n\n")
     if not path.exists():
-        path.write_text("# Benchmark results\n\nAppended by the scripts in bench/; compare rows only within one "
-                        "machine and one run.\n")
+        path.write_text("# Benchmark results\n\nAppended by the scripts in bench/ when run with `--record` (without "
+                        "it they only print); compare rows only within one machine and one run.\n")
     with path.open("a") as f:
         f.write(header + body.rstrip() + "\n")

@@ -1,7 +1,9 @@
 """Causal-LM costs: the frozen reference, the GradNorm MIA, and one unlearning step per strategy.
 
-    OMP_NUM_THREADS=1 python bench/lm.py --quick      # small shapes, about a minute
+    OMP_NUM_THREADS=1 python bench/lm.py --quick      # small shapes, about a minute; prints only
     OMP_NUM_THREADS=1 python bench/lm.py --record     # the fuller grid, appended to bench/RESULTS.md
+
+Without --record nothing tracked is written.
 
 One torch thread by default (--threads): see its help.
 
@@ -299,17 +301,21 @@ def step_table(quick: bool, corpus: Corpus, repeats: int, warmup: int) -> list[s
 
 
 # ------------------------------------------------------------------------------------------------------ main
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (about a minute)")
-    parser.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
+    harness.add_record_flag(parser)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core machine, 2 threads whose cores are taken "
                              "by other jobs stall in OpenMP barriers, 2 s for a step that takes 26 ms on 1 thread)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per implementation")
     parser.add_argument("--only", choices=("memory", "gradnorm", "steps"), action="append",
                         help="run only these parts (repeatable)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     torch.set_num_threads(args.threads)
     parts = args.only or ["memory", "gradnorm", "steps"]
     repeats = args.repeats or (3 if args.quick else 5)
@@ -343,9 +349,7 @@ def main() -> None:
         body += step_table(args.quick, corpus, repeats, warmup=2) + [""]
     text = "\n".join(body)
     print("\n" + text)
-    if args.record:
-        harness.append_results("bench/lm.py" + (" --quick" if args.quick else ""), text)
-        print(f"appended to {harness.RESULTS}")
+    harness.record_results(args, "bench/lm.py" + (" --quick" if args.quick else ""), text)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """Throughput of the coreset ops: ours (each backend) against the reference, a DeepCore-style loop and FAISS.
 
-    python bench/selectors.py            # n = 5k and 50k, d = 512, k = 1% and 10% of n
-    python bench/selectors.py --quick    # a small grid, about a minute on 2 cores
+    python bench/selectors.py                     # n = 5k and 50k, d = 512, k = 1% and 10% of n; prints only
+    python bench/selectors.py --quick             # a small grid, about a minute on 2 cores
+    python bench/selectors.py --record            # the same, and appends the table to bench/RESULTS.md
 
 For each op and shape, in one process: every implementation is first checked against the reference on the
 same data (a wrong implementation is never timed), then all are timed interleaved. Printed: median time
 (20/80 quantiles), ms per selection step, GB/s of X streamed (k passes of n*d elements) and that as a share
 of this machine's read bandwidth measured in the same run, our speedup over each other implementation, and
-the extra memory each needs. A dated table with the machine's name is appended to bench/RESULTS.md.
+the extra memory each needs. With --record, a dated table with the machine's name is appended to
+bench/RESULTS.md; without it nothing tracked is written.
 
 The DeepCore-style loops are written here the way DeepCore's k_center_greedy and Herding work: a k x n
 distance matrix, the unselected rows gathered again at every step, and (herding) the selected rows
@@ -155,16 +157,20 @@ def gradient_selector_rows(quick: bool, repeats: int) -> list[str]:
     return lines
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small grid (n = 2000, d = 128)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per implementation")
     parser.add_argument("--max-steps", type=int, default=500,
                         help="time at most this many selection steps per call (ms/step is reported)")
-    parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    harness.add_record_flag(parser)
     parser.add_argument("--only", choices=("coreset", "gradient"), default=None,
                         help="run only the coreset ops or only the gradient selectors")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     threads = harness.pin_threads()
     repeats = args.repeats or (5 if args.quick else 3)
     sizes = [2000] if args.quick else [5000, 50000]
@@ -176,9 +182,8 @@ def main() -> None:
     if args.only == "gradient":
         lines = gradient_selector_rows(args.quick, repeats)
         print("\n".join(lines))
-        if not args.no_record:
-            harness.append_results(f"bench/selectors.py --only gradient{' --quick' if args.quick else ''}",
-                                   "\n".join(lines[1:]))
+        harness.record_results(args, f"bench/selectors.py --only gradient{' --quick' if args.quick else ''}",
+                               "\n".join(lines[1:]))
         return
     bandwidth = {dev.type: harness.read_bandwidth_gbs(dev) for dev in devices}
     for dev, bw in bandwidth.items():
@@ -215,10 +220,7 @@ def main() -> None:
         lines += gradient_selector_rows(args.quick, repeats)
     print("\n".join(lines))
     print("\nReading the table: 'vs ours' is the time of that row divided by ours (>1: ours is faster).")
-    if not args.no_record:
-        harness.append_results(f"bench/selectors.py{' --quick' if args.quick else ''}", "\n".join(lines)
-                               + NOTES)
-        print(f"\nAppended to {harness.RESULTS}")
+    harness.record_results(args, f"bench/selectors.py{' --quick' if args.quick else ''}", "\n".join(lines) + NOTES)
 
 
 NOTES = """

@@ -63,46 +63,103 @@ def markdown(report: dict) -> str:
 
 
 def plot_curves(report: dict, out: Path) -> None:
-    import matplotlib
+    """Write loss.png (if any loss was logged) and accuracy.png (if any epoch was evaluated) into ``out``."""
+    import os
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
+    figures = curve_figures(report)
+    try:
+        for name, fig in figures.items():
+            tmp = out / (name + ".tmp")  # renamed into place, as atomic_write_text does
+            fig.savefig(tmp, dpi=110, format="png")
+            os.replace(tmp, out / name)
+    finally:
+        for fig in figures.values():
+            plt.close(fig)
 
+
+def curve_figures(report: dict) -> dict:
+    """The report's plots as open matplotlib figures, keyed by file name ("loss.png", "accuracy.png"); a plot
+    with nothing to draw is left out. The caller closes them (``plt.close``)."""
+    figures = {}
+    curves = report["curves"]
+    if curves["step"]:
+        figures["loss.png"] = loss_figure(curves["step"], curves["loss"])
+    if curves["epoch"]:
+        figures["accuracy.png"] = metric_figure(report)
+    return figures
+
+
+def loss_figure(steps: list, losses: list):
+    """Loss against optimizer step, drawn only where it was logged: a strategy may log some steps only (SCRUB
+    logs its forget-side max-steps, not the retain-side min-steps between them), and a line straight across
+    the unlogged steps would show values that were never measured."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
+    x, y, gaps = break_at_gaps(steps, losses)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    # markers keep a run of one logged step visible once the line is broken around it
+    ax.plot(x, y, marker="." if gaps else None, ms=3,
+            label="loss at logged steps (breaks: steps not logged)" if gaps else "loss at every step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set(xlabel="step", ylabel="loss", title="unlearning loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def break_at_gaps(steps: list, values: list) -> tuple[list, list, int]:
+    """``steps`` and ``values`` with a NaN value at the first missing step wherever consecutive logged steps
+    are more than one apart, so matplotlib breaks the line there; also returns the number of gaps."""
+    xs, ys, gaps = [], [], 0
+    for i, (step, value) in enumerate(zip(steps, values)):
+        if i and step - steps[i - 1] > 1:
+            xs.append(steps[i - 1] + 1)
+            ys.append(float("nan"))
+            gaps += 1
+        xs.append(step)
+        ys.append(value)
+    return xs, ys, gaps
+
+
+def metric_figure(report: dict):
+    """Forget and retain metric (accuracy, or the task's curve label) at each evaluated epoch."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
     curves = report["curves"]
     label = curves.get("label", "accuracy")
-    if curves["step"]:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.plot(curves["step"], curves["loss"])
-        ax.set(xlabel="step", ylabel="loss", title="unlearning loss")
-        fig.tight_layout()
-        fig.savefig(out / "loss.png", dpi=110)
-        plt.close(fig)
-    if not curves["epoch"]:
-        return
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(curves["epoch"], curves["forget"], marker="o", label=f"forget {label}")
     ax.plot(curves["epoch"], curves["retain"], marker="o", label=f"retain {label}")
     stop = report.get("early_stop")
     if stop and stop.get("target"):
         ax.axhline(stop["target"]["value"], ls="--", c="C0", lw=0.8, label=f"target ({stop['target']['source']})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # epochs are counted: no 1.5 tick
     ax.set(xlabel="epoch", ylabel=label, title=f"forget vs retain {label}")
     if label == "accuracy":
         ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend: reports are written without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def pareto_plot(runs: list[dict], path, x: str = "gap_UA", y: str = "RA", color: str = "selector",
                 marker: str = "scenario", title: str = "utility vs forgetting") -> None:
     """One point per run (e.g. |UA - UA_retrained| against RA), coloured by ``color`` and shaped by ``marker``
     (keys of each run), with the non-dominated front (low x, high y) drawn as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     colours = {v: f"C{i}" for i, v in enumerate(dict.fromkeys(r[color] for r in runs))}
     markers = {v: m for v, m in zip(dict.fromkeys(r[marker] for r in runs), "o^sDv*")}
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
