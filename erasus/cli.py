@@ -107,7 +107,10 @@ def unlearn_from_config(path: str, overwrite: bool = False) -> dict:
                                 selector_params=config.selector_params, epochs=config.epochs,
                                 batch_size=config.batch_size, copy=True, seed=config.seed, out_dir=config.out_dir,
                                 progress=True, overwrite=overwrite)
-    _, report = unlearner.fit(forget, retain, test=test, retrained=retrained)
+    facts = {"data": "scikit-learn digits", "scenario": config.scenario}
+    facts.update({"forget_class": config.forget_class} if config.scenario == "class" else
+                 {"forget_fraction": config.forget_fraction})
+    _, report = unlearner.fit(forget, retain, test=test, retrained=retrained, scenario=facts)
     print(markdown(report))
     print(f"Report written to {unlearner.out_dir}")
     return report
@@ -148,7 +151,11 @@ def unlearn_lm_from_config(config, overwrite: bool = False) -> dict:
                                 batch_size=config.batch_size, copy=True, seed=config.seed, out_dir=config.out_dir,
                                 progress=True, task="causal_lm", lora=config.lora, save_merged=config.save_merged,
                                 stop_at_target=config.stop_at_target, overwrite=overwrite)
-    _, report = unlearner.fit(sets["forget"], sets["retain"], test=sets.get("holdout"), retrained=retrained)
+    facts = {"model": config.model or f"embedded tiny {config.arch}"}
+    facts.update({"data": {k: v for k, v in config.data.model_dump().items() if v}} if config.data is not None else
+                 {"data": "generated fictitious authors", "forget_fraction": config.forget_fraction})
+    _, report = unlearner.fit(sets["forget"], sets["retain"], test=sets.get("holdout"), retrained=retrained,
+                              scenario=facts)
     print(markdown(report))
     print(f"Report written to {unlearner.out_dir}")
     return report

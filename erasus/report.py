@@ -38,7 +38,11 @@ def markdown(report: dict) -> str:
     schedule = "one training-free pass" if report.get("training_free") else \
         f"{report['epochs']} epochs ({report.get('steps', 0)} steps)"
     lora = report.get("lora")
-    lines = [f"# Unlearning run: {report['strategy']} ({report.get('task', 'classification')})", "",
+    facts = report.get("scenario") or {}
+    scenario = ("Scenario: " + ", ".join(f"{k} {v}" for k, v in facts.items()) + "; " if facts else "") + \
+        (f"forget {report['forget_size']} of {report['forget_size'] + report['retain_size']} training samples "
+         f"({100 * report['forget_fraction']:.1f}%)." if "forget_fraction" in report else "")
+    lines = [f"# Unlearning run: {report['strategy']} ({report.get('task', 'classification')})", "", scenario, "",
              f"Strategy {report['strategy']}({params}) on {data}, {schedule}, seed {report['seed']}; "
              + (f"LoRA adapter r={lora['r']} on {lora['target_modules']} ({lora['trainable_params']} trainable of "
                 f"{lora['total_params']} parameters); " if lora else "")

@@ -116,12 +116,16 @@ class ErasusUnlearner:
         self.overwrite = overwrite
 
     def fit(self, forget, retain, *, epochs: int | None = None, test=None, retrained: nn.Module | None = None,
-            snapshot_every: int = 1) -> tuple[nn.Module, dict]:
+            snapshot_every: int = 1, scenario: dict | None = None) -> tuple[nn.Module, dict]:
         """Unlearn ``forget`` while keeping ``retain``, in the task's data format (classifiers: a Dataset, a
         DataLoader or an ``(inputs, labels)`` pair of tensors; causal LMs: an ``erasus.data.QADataset`` or
         any Dataset of token dicts with a ``collate``). ``test`` (optional) is the test set of a classifier
         (adds TA and the MIA) or the holdout set of an LM (adds holdout NLL and the MIA AUCs); ``retrained``
-        (a model trained on retain only) adds the gaps to it. Returns ``(model, report)``."""
+        (a model trained on retain only) adds the gaps to it. ``scenario`` (optional, JSON-friendly facts such as
+        ``{"data": "digits", "forget_class": 3}``) is recorded as ``report["scenario"]``; the report always has the
+        forget fraction ``forget_size / (forget_size + retain_size)``. Returns ``(model, report)``."""
+        if scenario is not None and not isinstance(scenario, dict):
+            raise InvalidInputError(f"scenario must be a dict of facts about the data, got {type(scenario).__name__}")
         task = self.task
         forget_ds, retain_ds = task.as_dataset(forget, "forget"), task.as_dataset(retain, "retain")
         task.check_disjoint(forget_ds, retain_ds)
@@ -139,7 +143,8 @@ class ErasusUnlearner:
         model = copy_module.deepcopy(self.model) if self.copy else self.model
         undo = _Undo(model)
         try:
-            model, report = self._fit(model, undo, forget_ds, retain_ds, test_ds, retrained, epochs, snapshot_every)
+            model, report = self._fit(model, undo, forget_ds, retain_ds, test_ds, retrained, epochs, snapshot_every,
+                                      scenario)
         except BaseException as exc:
             if not self.copy:
                 undo.restore()
@@ -148,7 +153,7 @@ class ErasusUnlearner:
             raise
         return model, report
 
-    def _fit(self, model, undo, forget_ds, retain_ds, test_ds, retrained, epochs, snapshot_every):
+    def _fit(self, model, undo, forget_ds, retain_ds, test_ds, retrained, epochs, snapshot_every, scenario):
         task = self.task
         started = time.perf_counter()
         ref = task.evaluate_raw(retrained, forget_ds, retain_ds, test=test_ds) if retrained is not None else None
@@ -230,7 +235,8 @@ class ErasusUnlearner:
             "reference": {"kind": "none" if reference is None else
                           "adapter disabled (shared weights)" if reference.shared else "frozen copy",
                           "extra_bytes": 0 if reference is None else reference.copied_bytes},
-            "forget_size": n_forget, "coreset_size": len(coreset), "retain_size": len(retain_ds),
+            "scenario": scenario, "forget_size": n_forget, "coreset_size": len(coreset), "retain_size": len(retain_ds),
+            "forget_fraction": n_forget / (n_forget + len(retain_ds)),
             "epochs": None if training_free else epochs, "steps": log.get("steps", 0), "seed": self.seed,
             "in_place": not self.copy, "training_free": training_free,
             "forget_sample_passes": forget_loader.samples,

@@ -2,6 +2,7 @@
 labels, frozen models, detached losses, NaN logits, out_dir mistakes, a previous run, truncated caches; and a
 property-based test over the config loader (every generated config is either accepted with the values it says or
 refused with an ErasusError naming a key)."""
+import json
 import math
 import warnings
 
@@ -242,9 +243,14 @@ def test_help_lists_every_config_key(capsys):
 
 def test_a_previous_cli_run_is_refused_without_overwrite(tmp_path, capsys, erasus_cache, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    text = "strategy: ga\nselector: null\nprune_ratio: 1.0\nepochs: 1\nout_dir: run\n"
+    text = "strategy: ga\nselector: null\nprune_ratio: 1.0\nepochs: 1\nout_dir: run\nscenario: random\n"
     assert run_config(tmp_path, text, capsys)[0] == 0
     first = (tmp_path / "run" / "report.json").read_bytes()
+    report = json.loads(first)
+    assert report["scenario"] == {"data": "scikit-learn digits", "scenario": "random", "forget_fraction": 0.1}
+    assert abs(report["forget_fraction"] - 0.1) < 0.01
+    assert "Scenario: data scikit-learn digits, scenario random, forget_fraction 0.1; forget" in \
+        (tmp_path / "run" / "report.md").read_text()
     code, err = run_config(tmp_path, text, capsys)
     assert code == 2 and "previous run" in err and (tmp_path / "run" / "report.json").read_bytes() == first
     assert run_config(tmp_path, text, capsys, "--overwrite")[0] == 0
