@@ -310,3 +310,29 @@ def test_the_config_loader_accepts_exactly_the_valid_configs(tmp_path, config):
     assert math.isfinite(loaded.prune_ratio) and loaded.out_dir.strip()
     assert validate(UnlearnerSettings, {"epochs": loaded.epochs, "prune_ratio": loaded.prune_ratio}).epochs
 
+
+
+class Records(torch.utils.data.Dataset):
+    """A user's own Dataset class (not a TensorDataset, not a Subset)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def test_overlap_is_found_in_custom_datasets_by_content():
+    model, data = small()
+    x, y = data.tensors
+    retain = Records(x[10:].clone(), y[10:].clone())
+    forget = Records(x[10:14].clone(), y[10:14].clone())  # a subset of retain, in other objects
+    before = state(model)
+    with pytest.raises(errors.InvalidInputError, match="share 4 identical"):
+        ErasusUnlearner(model, "graddiff", selector=None, prune_ratio=1.0, epochs=1).fit(forget, retain)
+    assert same(model, before)
+    ErasusUnlearner(model, "graddiff", selector=None, prune_ratio=1.0, epochs=1, copy=True).fit(
+        Records(x[:10], y[:10]), retain)
