@@ -7,7 +7,8 @@ import pytest
 MODULES = ["erasus.ops.kcenter", "erasus.ops.herding", "erasus.ops.kmeans", "erasus.selectors.classic",
            "erasus.ops.grad_norms", "erasus.ops.model_grad_norms", "erasus.ops.fisher", "erasus.ops.last_layer",
            "erasus.selectors.gradient", "erasus.selectors.features", "erasus.losses.token", "erasus.unlearner",
-           "erasus.metrics.lm", "erasus.integrations.trainer", "erasus.settings"]
+           "erasus.metrics.lm", "erasus.integrations.trainer", "erasus.settings",
+           "erasus.ops._backend"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -125,3 +125,42 @@ def resolve(op: str, supported: tuple[str, ...], device: torch.device, backend: 
             warnings.warn(f"erasus: the {name} backend is unavailable ({why}); using the reference backend",
                           RuntimeWarning, stacklevel=3)
     return "reference"
+
+
+class OpTable:
+    """One op's implementations, ``{backend: function}``, every function with the same signature: the one place
+    that says which backends an op has. :meth:`select` runs the rules of this module (explicit choice, per-device
+    order, fallback warning) and returns the function; each op's public function calls it once.
+
+        >>> table = OpTable("double", {"reference": lambda x: 2 * x})
+        >>> table.backends, table.select(torch.device("cpu"), None)(torch.ones(2)).tolist()
+        (('reference',), [2.0, 2.0])
+
+    Every table is listed in :data:`OPS` (the test grid reads it, so a new op cannot miss its tests)."""
+
+    def __init__(self, op: str, implementations: dict):
+        unknown = set(implementations) - set(ALL_BACKENDS)
+        if "reference" not in implementations or unknown:
+            raise InvalidInputError(f"{op}: an op needs a 'reference' implementation and only backends of "
+                                    f"{ALL_BACKENDS}, got {sorted(implementations)}")
+        self.op = op
+        self.implementations = dict(implementations)
+        self.backends = tuple(name for name in ALL_BACKENDS if name in implementations)
+        OPS[op] = self
+
+    def resolve(self, device: torch.device, backend: str | None,
+                preferred: dict[str, tuple[str, ...]] | None = None) -> str:
+        """The backend's name (see :func:`resolve`)."""
+        return resolve(self.op, self.backends, device, backend, preferred)
+
+    def select(self, device: torch.device, backend: str | None,
+               preferred: dict[str, tuple[str, ...]] | None = None):
+        """The implementation that runs on ``device`` (see :func:`resolve`)."""
+        return self.implementations[self.resolve(device, backend, preferred)]
+
+    def __repr__(self) -> str:
+        return f"OpTable({self.op!r}, backends={self.backends})"
+
+
+#: every op's table, by the op's public name
+OPS: dict[str, OpTable] = {}

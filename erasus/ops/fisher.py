@@ -13,7 +13,6 @@ from erasus.ops._validate import all_finite, max_abs
 from erasus.ops.grad_norms import THIN, _check_pair
 from erasus.ops.model_grad_norms import conv_as_linear, has_trainable_bias, token_grad_sums
 
-BACKENDS = ("reference", "cpp", "triton")
 
 
 class SquaredGradSum(NamedTuple):
@@ -74,24 +73,30 @@ def _fast_squares(a: torch.Tensor, g: torch.Tensor, backend: str | None) -> Squa
     p = g.shape[2]
     dense = a.is_contiguous() and g.is_contiguous()  # as in grad_norms: C++ only where it needs no copy
     cpu_order = ("cpp", "reference") if dense and min(d, p) <= THIN else ("reference",)
-    name = _backend.resolve("squared_grad_sum", BACKENDS, a.device, backend,
-                            preferred={**_backend.PREFERRED, "cpu": cpu_order})
-    if name != "reference":
-        a, g = a.contiguous(), g.contiguous()
-    weight = torch.zeros(p, d, dtype=torch.float32, device=a.device)
-    bias = torch.zeros(p, dtype=torch.float32, device=a.device)
+    implementation = SQUARED_GRAD_SUM.select(a.device, backend,
+                                             preferred={**_backend.PREFERRED, "cpu": cpu_order})
     if batch == 0 or steps == 0 or d == 0 or p == 0:
-        return SquaredGradSum(weight, bias)
-    if name == "cpp":
-        _cpp.call("squared_grad_sum", _cpp.as_numpy(a), _cpp.as_numpy(g), _cpp.elem_name(a.dtype),
-                  weight.numpy(), bias.numpy())
-        return SquaredGradSum(weight, bias)
-    if name == "triton":
-        from erasus.kernels import fisher as kernel
+        return SquaredGradSum(torch.zeros(p, d, dtype=torch.float32, device=a.device),
+                              torch.zeros(p, dtype=torch.float32, device=a.device))
+    if implementation is not squared_grad_sum_reference:  # the compiled kernels read dense row-major memory
+        a, g = a.contiguous(), g.contiguous()
+    return implementation(a, g)
 
-        kernel.squared_grad_sum_(a, g, weight)
-        return SquaredGradSum(weight, g.sum(dim=1, dtype=torch.float32).square().sum(dim=0))
-    return squared_grad_sum_reference(a, g)
+
+def _squares_cpp(a: torch.Tensor, g: torch.Tensor) -> SquaredGradSum:
+    weight = torch.zeros(g.shape[2], a.shape[2], dtype=torch.float32)
+    bias = torch.zeros(g.shape[2], dtype=torch.float32)
+    _cpp.call("squared_grad_sum", _cpp.as_numpy(a), _cpp.as_numpy(g), _cpp.elem_name(a.dtype), weight.numpy(),
+              bias.numpy())
+    return SquaredGradSum(weight, bias)
+
+
+def _squares_triton(a: torch.Tensor, g: torch.Tensor) -> SquaredGradSum:
+    from erasus.kernels import fisher as kernel
+
+    weight = torch.zeros(g.shape[2], a.shape[2], dtype=torch.float32, device=a.device)
+    kernel.squared_grad_sum_(a, g, weight)
+    return SquaredGradSum(weight, g.sum(dim=1, dtype=torch.float32).square().sum(dim=0))
 
 
 def squared_grad_sum_reference(a: torch.Tensor, g: torch.Tensor, dtype: torch.dtype = torch.float32
@@ -112,6 +117,10 @@ def squared_grad_sum_reference(a: torch.Tensor, g: torch.Tensor, dtype: torch.dt
 # (module, inputs, output_grad, backend) -> {parameter attribute name: float32 sum_i (grad_i)^2, param-shaped}
 FisherSampler = Callable[[nn.Module, tuple, torch.Tensor, "str | None"], "dict[str, torch.Tensor]"]
 FISHER_SAMPLERS: dict[type, FisherSampler] = {}
+#: (a, g) -> SquaredGradSum of dense (B, T, d) / (B, T, p) inputs
+SQUARED_GRAD_SUM = _backend.OpTable("squared_grad_sum", {"reference": squared_grad_sum_reference,
+                                                         "cpp": _squares_cpp, "triton": _squares_triton})
+BACKENDS = SQUARED_GRAD_SUM.backends
 MODES = ("empirical", "batch_squared", "mc")
 
 

@@ -10,7 +10,6 @@ from erasus.ops import _backend, _cpp
 from erasus.ops._magnitude import to_float32
 from erasus.ops._validate import FLOAT_DTYPES, all_finite, max_abs
 
-BACKENDS = ("reference", "cpp", "triton")
 PATHS = ("auto", "outer", "ghost", "materialize")
 _PATH_CODE = {"outer": 0, "ghost": 1, "materialize": 2}
 THIN = 64  # layers with min(d_in, d_out) <= THIN run on the C++ kernels on CPU (measured, bench/RESULTS.md)
@@ -96,25 +95,28 @@ def _fast_norms(a: torch.Tensor, g: torch.Tensor, path: str, backend: str | None
     # unfolded input of a convolution) would need a copy for C++, while torch's bmm reads them in place.
     dense = a.is_contiguous() and g.is_contiguous()
     cpu_order = ("cpp", "reference") if dense and (path == "outer" or min(d, p) <= THIN) else ("reference",)
-    name = _backend.resolve("per_sample_grad_norms", BACKENDS, a.device, backend,
-                            preferred={**_backend.PREFERRED, "cpu": cpu_order})
+    implementation = GRAD_NORMS.select(a.device, backend, preferred={**_backend.PREFERRED, "cpu": cpu_order})
     if batch == 0 or steps == 0 or d == 0 or p == 0:
         zeros = torch.zeros(batch, dtype=torch.float32, device=a.device)
         return GradNorms(zeros, zeros.clone())
-    if name != "reference":  # the compiled kernels read dense row-major memory
+    if implementation is not per_sample_grad_norms_reference:  # the compiled kernels read dense row-major memory
         a, g = a.contiguous(), g.contiguous()
-    if name == "cpp":
-        weight = torch.empty(batch, dtype=torch.float32)
-        bias = torch.empty(batch, dtype=torch.float32)
-        _cpp.call("per_sample_grad_norms", _cpp.as_numpy(a), _cpp.as_numpy(g), _cpp.elem_name(a.dtype),
-                  _PATH_CODE[path], weight.numpy(), bias.numpy())
-        return GradNorms(weight, bias)
-    if name == "triton":
-        from erasus.kernels import grad_norms as kernel
+    return implementation(a, g, path)
 
-        weight = kernel.weight_norms(a, g, path)
-        return GradNorms(weight, g.sum(dim=1, dtype=torch.float32).square().sum(dim=1))
-    return per_sample_grad_norms_reference(a, g, path)
+
+def _norms_cpp(a: torch.Tensor, g: torch.Tensor, path: str) -> GradNorms:
+    weight = torch.empty(a.shape[0], dtype=torch.float32)
+    bias = torch.empty(a.shape[0], dtype=torch.float32)
+    _cpp.call("per_sample_grad_norms", _cpp.as_numpy(a), _cpp.as_numpy(g), _cpp.elem_name(a.dtype),
+              _PATH_CODE[path], weight.numpy(), bias.numpy())
+    return GradNorms(weight, bias)
+
+
+def _norms_triton(a: torch.Tensor, g: torch.Tensor, path: str) -> GradNorms:
+    from erasus.kernels import grad_norms as kernel
+
+    weight = kernel.weight_norms(a, g, path)
+    return GradNorms(weight, g.sum(dim=1, dtype=torch.float32).square().sum(dim=1))
 
 
 # A float32 intermediate below 2**-149 is lost (underflow). The ghost and outer paths square A and G
@@ -169,6 +171,12 @@ def per_sample_grad_norms_reference(a: torch.Tensor, g: torch.Tensor, path: str,
         weight = torch.cat([torch.bmm(gf[i : i + chunk].transpose(1, 2), af[i : i + chunk]).square().sum(dim=(1, 2))
                             for i in range(0, batch, chunk)]) if batch else gf.new_zeros(0)
     return GradNorms(weight, bias)
+
+
+#: (a, g, path) -> squared GradNorms of dense (B, T, d) / (B, T, p) inputs
+GRAD_NORMS = _backend.OpTable("per_sample_grad_norms", {"reference": per_sample_grad_norms_reference,
+                                                        "cpp": _norms_cpp, "triton": _norms_triton})
+BACKENDS = GRAD_NORMS.backends
 
 
 def _check_pair(a, g) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,8 +7,6 @@ from erasus.ops import _backend, _cpp
 from erasus.ops._magnitude import coreset_exponent
 from erasus.ops._validate import check_k, check_matrix, max_abs
 
-BACKENDS = ("reference", "cpp", "triton")
-
 
 def herding(x: torch.Tensor, k: int, *, backend: str | None = None) -> torch.Tensor:
     """Pick ``k`` rows of ``x`` whose running mean tracks the mean of all rows (Welling 2009).
@@ -35,20 +33,9 @@ def herding(x: torch.Tensor, k: int, *, backend: str | None = None) -> torch.Ten
         [2, 1]
     """
     x = check_matrix(x, "x")
-    n = x.shape[0]
-    k = check_k(k, n)
-    name = _backend.resolve("herding", BACKENDS, x.device, backend)
-    scale = 2.0 ** -coreset_exponent(max_abs(x))
-    if name == "cpp":
-        out = torch.empty(k, dtype=torch.int64)
-        selected = torch.empty(n, dtype=torch.uint8)
-        _cpp.call("herding", _cpp.as_numpy(x), _cpp.elem_name(x.dtype), out.numpy(), selected.numpy(), scale)
-        return out.to(x.device)
-    if name == "triton":
-        from erasus.kernels import herding as kernel
-
-        return kernel.herding(x, k, scale)
-    return herding_reference(x, k, scale)
+    k = check_k(k, x.shape[0])
+    implementation = HERDING.select(x.device, backend)
+    return implementation(x, k, 2.0 ** -coreset_exponent(max_abs(x))).to(x.device)
 
 
 def herding_reference(x: torch.Tensor, k: int, scale: float = 1.0) -> torch.Tensor:
@@ -73,3 +60,22 @@ def herding_reference(x: torch.Tensor, k: int, scale: float = 1.0) -> torch.Tens
         chosen[j] = True
         chosen_sum += xf[j].double()
     return out
+
+
+def _herding_cpp(x: torch.Tensor, k: int, scale: float) -> torch.Tensor:
+    out = torch.empty(k, dtype=torch.int64)
+    selected = torch.empty(x.shape[0], dtype=torch.uint8)
+    _cpp.call("herding", _cpp.as_numpy(x), _cpp.elem_name(x.dtype), out.numpy(), selected.numpy(), scale)
+    return out
+
+
+def _herding_triton(x: torch.Tensor, k: int, scale: float) -> torch.Tensor:
+    from erasus.kernels import herding as kernel
+
+    return kernel.herding(x, k, scale)
+
+
+#: (x, k, scale) -> int64 (k,) indices
+HERDING = _backend.OpTable("herding", {"reference": herding_reference, "cpp": _herding_cpp,
+                                       "triton": _herding_triton})
+BACKENDS = HERDING.backends

@@ -10,7 +10,6 @@ from erasus.ops import _backend, _cpp
 from erasus.ops._magnitude import coreset_exponent
 from erasus.ops._validate import check_indices, check_k, check_matrix, max_abs
 
-BACKENDS = ("reference", "cpp", "triton")
 METRICS = ("l2", "cosine")
 
 
@@ -62,24 +61,12 @@ def kcenter_greedy(x: torch.Tensor, k: int, *, metric: str = "l2", init=None, ba
     init_idx = None if init is None else check_indices(init, n, "init")
     if init_idx is not None and init_idx.numel() > k:
         raise InvalidInputError(f"init holds {init_idx.numel()} indices but k = {k}")
-    name = _backend.resolve("kcenter_greedy", BACKENDS, x.device, backend)
+    implementation = KCENTER.select(x.device, backend)
     exponent = coreset_exponent(max_abs(x))
     scale = 2.0 ** -exponent
     if init_idx is None:
         init_idx = _default_init(x, scale)
-
-    if name == "cpp":
-        indices = torch.empty(k, dtype=torch.int64)
-        min_dist = torch.empty(n, dtype=torch.float32)
-        r2 = _cpp.call("kcenter_greedy", _cpp.as_numpy(x), _cpp.elem_name(x.dtype), init_idx.numpy(),
-                       indices.numpy(), min_dist.numpy(), scale)
-        radius2 = torch.tensor(r2, dtype=torch.float32)
-    elif name == "triton":
-        from erasus.kernels import kcenter as kernel
-
-        indices, radius2, _ = kernel.kcenter_greedy(x, init_idx.to(x.device), k, scale)
-    else:
-        indices, radius2 = kcenter_greedy_reference(x, k, init_idx, scale)
+    indices, radius2 = implementation(x, k, init_idx, scale)
     radius2 = radius2.double() * 4.0 ** exponent  # back to the units of x (exact: a power of two)
     radius = radius2.sqrt() if metric == "l2" else radius2 / 2  # on unit rows, ||u - v||^2 / 2 = 1 - cos
     return KCenterResult(indices.to(x.device), radius.to(x.device))
@@ -123,3 +110,24 @@ def kcenter_greedy_reference(x: torch.Tensor, k: int, init: torch.Tensor, scale:
         if init.numel() <= step + 1 < k:
             indices[step + 1] = torch.argmax(min_dist)
     return indices, min_dist.max().clamp(min=0.0)
+
+
+def _kcenter_cpp(x: torch.Tensor, k: int, init: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    indices = torch.empty(k, dtype=torch.int64)
+    min_dist = torch.empty(x.shape[0], dtype=torch.float32)  # preallocated: the kernel writes it every step
+    r2 = _cpp.call("kcenter_greedy", _cpp.as_numpy(x), _cpp.elem_name(x.dtype), init.numpy(), indices.numpy(),
+                   min_dist.numpy(), scale)
+    return indices, torch.tensor(r2, dtype=torch.float32)
+
+
+def _kcenter_triton(x: torch.Tensor, k: int, init: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from erasus.kernels import kcenter as kernel
+
+    indices, radius2, _ = kernel.kcenter_greedy(x, init.to(x.device), k, scale)
+    return indices, radius2
+
+
+#: (x, k, init indices, scale) -> (indices, squared radius of x * scale)
+KCENTER = _backend.OpTable("kcenter_greedy", {"reference": kcenter_greedy_reference, "cpp": _kcenter_cpp,
+                                              "triton": _kcenter_triton})
+BACKENDS = KCENTER.backends

@@ -11,7 +11,6 @@ from erasus.ops import _backend
 from erasus.ops._magnitude import coreset_exponent
 from erasus.ops._validate import check_k, check_matrix, max_abs
 
-BACKENDS = ("reference", "faiss")
 
 # A search function: (queries (m, d) float32 CPU/device tensor, nn) -> (squared distances, indices), each (m, nn)
 Search = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor]"]
@@ -57,7 +56,7 @@ def kmeans_coreset(x: torch.Tensor, k: int, *, niter: int = 20, seed: int = 0, i
         raise InvalidInputError(f"init must be one of {INITS}, got {init!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
         raise InvalidInputError(f"seed must be an integer in [0, 2**63), got {seed!r}")
-    name = _backend.resolve("kmeans_coreset", BACKENDS, x.device, backend)
+    implementation = KMEANS.select(x.device, backend)
     # Rescaled by a power of two (exact) when max|x| is far from 1, and centred (k-means is shift-invariant):
     # squared distances then neither overflow nor cancel, and x and c * x give the same coreset.
     xf = x.float() * 2.0 ** -coreset_exponent(max_abs(x))
@@ -67,28 +66,7 @@ def kmeans_coreset(x: torch.Tensor, k: int, *, niter: int = 20, seed: int = 0, i
         init = torch.randperm(n, generator=generator)[:k]
     else:
         init = kmeans_plus_plus(xf, k, generator)
-    if name == "faiss":
-        import faiss
-
-        data = xf.cpu().numpy()
-        km = faiss.Kmeans(d, k, niter=niter, seed=int(seed), verbose=False, min_points_per_centroid=1)
-        km.train(data, init_centroids=data[init.numpy()])
-        index = faiss.IndexFlatL2(d)
-        index.add(data)
-
-        def search(queries, nn):
-            dist, idx = index.search(queries.cpu().numpy(), nn)
-            return torch.from_numpy(dist), torch.from_numpy(idx)
-
-        centroids = torch.from_numpy(km.centroids)
-    else:
-        centroids = lloyd_reference(xf, xf[init.to(xf.device)], niter)
-
-        def search(queries, nn):
-            dist = torch.cdist(queries, xf).pow_(2)
-            values, idx = torch.topk(dist, nn, dim=1, largest=False)
-            return values, idx
-
+    centroids, search = implementation(xf, init, niter, int(seed))
     return nearest_distinct_rows(centroids, n, search).to(x.device)
 
 
@@ -148,3 +126,36 @@ def nearest_distinct_rows(centroids: torch.Tensor, n: int, search: Search, candi
                 taken[j] = True
                 break
     return out
+
+
+def _kmeans_reference(x: torch.Tensor, init: torch.Tensor, niter: int, seed: int):
+    """(centroids, search): Lloyd in torch; ``search(queries, nn)`` -> (squared distances, row indices)."""
+    centroids = lloyd_reference(x, x[init.to(x.device)], niter)
+
+    def search(queries, nn):
+        dist = torch.cdist(queries, x).pow_(2)
+        return torch.topk(dist, nn, dim=1, largest=False)
+
+    return centroids, search
+
+
+def _kmeans_faiss(x: torch.Tensor, init: torch.Tensor, niter: int, seed: int):
+    """(centroids, search) by FAISS: its k-means from the same seeds, and an exact L2 index over the rows."""
+    import faiss
+
+    data = x.cpu().numpy()
+    km = faiss.Kmeans(x.shape[1], init.numel(), niter=niter, seed=seed, verbose=False, min_points_per_centroid=1)
+    km.train(data, init_centroids=data[init.numpy()])
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(data)
+
+    def search(queries, nn):
+        dist, idx = index.search(queries.cpu().numpy(), nn)
+        return torch.from_numpy(dist), torch.from_numpy(idx)
+
+    return torch.from_numpy(km.centroids), search
+
+
+#: (centred rows, init indices, niter, seed) -> (centroids, nearest-row search)
+KMEANS = _backend.OpTable("kmeans_coreset", {"reference": _kmeans_reference, "faiss": _kmeans_faiss})
+BACKENDS = KMEANS.backends
