@@ -187,7 +187,7 @@ LAYER_SHAPES = [(256, 1, 1024, 1024), (512, 1, 1024, 10), (16, 64, 768, 3072), (
 def layer_table(quick: bool, repeats: int, device) -> list[str]:
     """Times every (path, backend) of per_sample_grad_norms and every backend of squared_grad_sum per shape,
     after checking each against the reference; reports the flop rule's pick next to the measured winner."""
-    from erasus.ops.grad_norms import choose_path
+    from erasus.ops.linear_grads import choose_path
 
     backends = [b for b in ("reference", "cpp", "triton") if erasus.ops.backends()[b]["available"]
                 and (b != "triton" or device.type == "cuda")]

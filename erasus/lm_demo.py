@@ -43,13 +43,9 @@ def lora_config(arch: str) -> dict:
 def lm_methods(arch: str = "gpt2") -> list[tuple]:
     """The demo's runs: each strategy without and with LoRA on the whole forget set, and GradDiff and NPO with
     LoRA on a k-center coreset of half the forget set."""
-    from erasus.strategies import STRATEGIES
+    from erasus.strategies.elm import DEMO_PARAMS
 
-    methods = list(LM_METHODS)
-    if "elm" in STRATEGIES:
-        from erasus.strategies.elm import DEMO_PARAMS
-
-        methods.append(("ELM", "elm", DEMO_PARAMS))
+    methods = [*LM_METHODS, ("ELM", "elm", DEMO_PARAMS)]
     runs = []
     for label, name, by_arch in methods:
         full, lora = by_arch[arch]

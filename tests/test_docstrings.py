@@ -5,10 +5,10 @@ import importlib
 import pytest
 
 MODULES = ["erasus.ops.kcenter", "erasus.ops.herding", "erasus.ops.kmeans", "erasus.selectors.classic",
-           "erasus.ops.grad_norms", "erasus.ops.model_grad_norms", "erasus.ops.fisher", "erasus.ops.last_layer",
+           "erasus.ops.linear_grads", "erasus.ops.grad_norms", "erasus.ops.fisher", "erasus.ops.last_layer",
            "erasus.selectors.gradient", "erasus.selectors.features", "erasus.losses.token", "erasus.unlearner",
            "erasus.metrics.lm", "erasus.integrations.trainer", "erasus.settings",
-           "erasus.ops._backend"]
+           "erasus.ops._backend", "erasus.strategies.elm"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -19,6 +19,7 @@ from torch import nn
 from erasus.errors import InvalidInputError, NonFiniteError, ShapeError, UnsupportedLayerError
 from erasus.ops._parameter_uses import check_parameter_uses
 from erasus.ops._validate import all_finite
+from erasus.ops.layers import FALLBACK, registered_type, rule_for
 
 
 @dataclasses.dataclass
@@ -30,47 +31,50 @@ class LayerRecord:
     grad: torch.Tensor | None = None
 
 
-def trainable_layers(model: nn.Module, registry: dict[type, Callable]) -> list[tuple[str, nn.Module]]:
-    """Modules that directly own a trainable parameter; each must have a function in ``registry``."""
+def trainable_layers(model: nn.Module, part: str, fallback: bool = False
+                     ) -> tuple[list[tuple[str, nn.Module]], dict[int, Callable], list[str]]:
+    """Modules that directly own a trainable parameter, each with its ``part`` ("norms" or "fisher") function
+    from the layer rules: ``(layers, {id(module): function}, names of the layers on the fallback)``. A module
+    without a rule (or a subclass overriding its registered type's forward) takes the exact torch.func
+    fallback with ``fallback=True`` and is refused by name otherwise."""
     if not any(p.requires_grad for p in model.parameters()):
         raise InvalidInputError("every parameter of the model is frozen (requires_grad=False): nothing to measure")
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
             raise InvalidInputError(f"layer {name} is a BatchNorm in training mode, which mixes the samples of a "
                                     "batch: per-sample gradients are undefined; call model.eval()")
-    layers = []
+    layers, functions, slow = [], {}, []
     for name, module in model.named_modules():
         if not any(p.requires_grad for p in module.parameters(recurse=False)):
             continue
-        kind = f"{type(module).__module__}.{type(module).__qualname__}"
-        registered = registered_type(registry, module)
-        if registered is None:
-            raise UnsupportedLayerError(
-                f"layer {name or '<model>'} of type {kind} has trainable parameters but no per-sample function; "
-                f"freeze it (requires_grad_(False)) or register one with erasus.ops.register_norm_sampler")
-        if type(module).forward is not registered.forward:
-            # the registered function assumes the registered type's forward (y = x W^T + b, a lookup, ...); a
-            # subclass that computes something else (e.g. scales the output) would get silently wrong results
-            raise UnsupportedLayerError(
-                f"layer {name or '<model>'} of type {kind} subclasses {registered.__qualname__} but overrides its "
-                f"forward, which the per-sample function of {registered.__qualname__} does not know; freeze it or "
-                f"register a function for {type(module).__qualname__} with erasus.ops.register_norm_sampler")
+        registered = registered_type(module, part)
+        problem = _unknown_layer_problem(name, module, registered)
+        if problem is None:
+            functions[id(module)] = rule_for(module, part)
+        elif fallback:
+            functions[id(module)] = FALLBACK[part]
+            slow.append(name or "<model>")
+        else:
+            raise UnsupportedLayerError(problem + "; or pass fallback=True for the exact (slower) torch.func path")
         layers.append((name, module))
     if not layers:
         raise InvalidInputError("the model has no layer with trainable parameters")
-    return layers
+    return layers, functions, slow
 
 
-def registrar(registry: dict[type, Callable]) -> Callable:
-    """A decorator factory filling ``registry``: ``@register(LayerA, LayerB)`` maps both types to the function
-    (subclasses find it through their MRO, see :func:`lookup`)."""
-    def register(*layer_types: type):
-        def decorate(fn):
-            for t in layer_types:
-                registry[t] = fn
-            return fn
-        return decorate
-    return register
+def _unknown_layer_problem(name: str, module: nn.Module, registered: type | None) -> str | None:
+    kind = f"{type(module).__module__}.{type(module).__qualname__}"
+    if registered is None:
+        return (f"layer {name or '<model>'} of type {kind} has trainable parameters but no per-sample rule; freeze it "
+                f"(requires_grad_(False)), register one with erasus.ops.register_norm_sampler / "
+                f"register_fisher_sampler")
+    if type(module).forward is not registered.forward:
+        # the registered rule assumes the registered type's forward (y = x W^T + b, a lookup, ...); a subclass that
+        # computes something else (e.g. scales the output) would get silently wrong results
+        return (f"layer {name or '<model>'} of type {kind} subclasses {registered.__qualname__} but overrides its "
+                f"forward, which the rule of {registered.__qualname__} does not know; freeze it, register a rule for "
+                f"{type(module).__qualname__} with erasus.ops.register_norm_sampler / register_fisher_sampler")
+    return None
 
 
 def check_losses(losses) -> torch.Tensor:
@@ -121,25 +125,6 @@ def parameters_kept(model: nn.Module):
         raise UnsupportedLayerError(f"the model's forward changed parameters {changed} in place, so their values "
                                     "now differ from before the call; per-sample scores need a forward that leaves "
                                     "its parameters alone")
-
-
-def registered_type(registry: dict[type, Callable], module: nn.Module) -> type | None:
-    """The first class in the module's MRO that has a function in ``registry``."""
-    for cls in type(module).__mro__:
-        if cls in registry:
-            return cls
-    return None
-
-
-def own_trainable(module: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The entries of ``values`` (keyed by parameter attribute name) whose parameter is trainable."""
-    return {k: v for k, v in values.items()
-            if isinstance(getattr(module, k, None), torch.Tensor) and getattr(module, k).requires_grad}
-
-
-def lookup(registry: dict[type, Callable], module: nn.Module) -> Callable | None:
-    cls = registered_type(registry, module)
-    return None if cls is None else registry[cls]
 
 
 def capture(model: nn.Module, layers: list[tuple[str, nn.Module]], loss_fn: Callable, batch

@@ -1,204 +1,136 @@
-"""Per-sample gradient norms of a linear layer from its inputs and output gradients."""
+"""Per-sample gradient norms of a whole model from one batched forward and backward (the public
+:func:`erasus.ops.grad_norms`).
+
+Each layer type has a rule (:mod:`erasus.ops.layers`, the Opacus pattern) that turns the layer's inputs and output
+gradients into per-sample squared norms of its trainable parameters; supporting a new layer type is one
+``@register_norm_sampler(MyLayer)`` function, not an edit here.
+"""
 from __future__ import annotations
 
-from typing import NamedTuple
+import warnings
+from typing import Callable
 
 import torch
+from torch import nn
 
-from erasus.errors import DTypeError, InvalidInputError, NonFiniteError, ShapeError
-from erasus.ops import _backend, _cpp
+from erasus.errors import NonFiniteError, UnsupportedLayerError
+from erasus.ops import _capture
 from erasus.ops._magnitude import to_float32
-from erasus.ops._validate import FLOAT_DTYPES, all_finite, max_abs
-
-PATHS = ("auto", "outer", "ghost", "materialize")
-_PATH_CODE = {"outer": 0, "ghost": 1, "materialize": 2}
-THIN = 64  # layers with min(d_in, d_out) <= THIN run on the C++ kernels on CPU (measured, bench/RESULTS.md)
+from erasus.ops._validate import all_finite
+from erasus.ops.layers import SlowPathWarning
 
 
-class GradNorms(NamedTuple):
-    weight: torch.Tensor
-    """float32 (B,): ||dL_i/dW||_F^2 per sample."""
-    bias: torch.Tensor
-    """float32 (B,): ||dL_i/db||^2 per sample (the bias part; ignore it for a layer without bias)."""
-
-
-def choose_path(steps: int, d_in: int, d_out: int) -> str:
-    """The cheaper exact path by flop count: ``outer`` when T = 1, ``ghost`` (~T^2 (d + p) per sample) when
-    T (d + p) < d p, else ``materialize`` (~T d p per sample, tile by tile)."""
-    if steps == 1:
-        return "outer"
-    return "ghost" if steps * (d_in + d_out) < d_in * d_out else "materialize"
-
-
-def per_sample_grad_norms(a: torch.Tensor, g: torch.Tensor, *, path: str = "auto", backend: str | None = None
-                          ) -> GradNorms:
-    """Squared per-sample gradient norms of a linear map ``y = x W^T + b`` without forming per-sample grads.
-
-    With inputs ``A_i`` (T x d) and output gradients ``G_i`` (T x p) of sample i, ``dL_i/dW = G_i^T A_i`` and
-    ``dL_i/db = sum_t g_it``. Paths (all exact; ``auto`` picks by :func:`choose_path`):
-
-    - ``outer`` (T = 1): ``||a_i||^2 ||g_i||^2``;
-    - ``ghost``: ``<A_i A_i^T, G_i G_i^T>_F``, cost ~T^2 (d + p), no d x p buffer;
-    - ``materialize``: ``||G_i^T A_i||^2`` built one tile at a time and squared in place, cost ~T d p.
-
-    ``g`` must be the gradient of the *sum* of per-sample losses; with a mean-reduced loss every norm is
-    scaled by 1/B^2.
-
-    Exact over the whole float32 range: a sample whose float32 result may have lost its value to an overflow
-    or underflow of an intermediate square (values far from 1, e.g. inputs of 1e-25 with gradients of 1e25)
-    is recomputed in float64. A norm too large for float32 raises :class:`~erasus.errors.NonFiniteError`.
+def grad_norms(model: nn.Module, loss_fn: Callable, batch, *, squared: bool = False,
+               backend: str | None = None, fallback: bool = False) -> torch.Tensor:
+    """Per-sample norms ``||d loss_i / d theta||`` over the model's trainable parameters, for every sample of
+    ``batch``, from one batched forward and one backward, without per-sample gradients.
 
     Args:
-        a: (B, T, d) or (B, d) layer inputs; float32, float16 or bfloat16 (accumulated in float32).
-        g: (B, T, p) or (B, p) gradients of the layer outputs, same dtype and (B, T) as ``a``.
-        path: ``"auto"``, ``"outer"``, ``"ghost"`` or ``"materialize"``.
-        backend: ``"reference"``, ``"cpp"`` or ``"triton"``; default: the fastest for the device.
+        model: any ``nn.Module`` whose layers with trainable parameters are registered types: ``nn.Linear``,
+            ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``, transformers'
+            ``Conv1D`` (GPT-2) and Llama-style RMSNorm; peft LoRA adapters are ``nn.Linear`` layers, so
+            freezing the base model measures the adapters only. Parameters with ``requires_grad=False`` are
+            left out. Each trainable parameter must reach the loss only through the forward of a layer that
+            owns it (an embedding tied to a linear head counts); any other use is refused. The model runs in
+            its current mode (call ``model.eval()`` to score without dropout); its parameters (bit for bit,
+            including the rows ``nn.Embedding(max_norm=...)`` renormalises in its forward), ``.grad`` fields
+            and mode are not changed: this function does not mutate the model.
+        loss_fn: ``loss_fn(model, batch) -> (B,)`` per-sample losses (``reduction="none"``; for sequences,
+            sum or average each sample's token losses, skipping padding). The gradient taken is that of
+            their sum, so sample i's norm is that of ``loss_i`` alone.
+        batch: whatever ``loss_fn`` takes. Layers must be batch-first (B, ...): a layer that runs once for the
+            whole batch is an error, but a time-major layer with T == B cannot be told apart — keep them
+            batch-first (Hugging Face models are).
+        squared: return squared norms.
+        backend: backend of the layer kernels (:func:`erasus.ops.per_sample_grad_norms`).
+        fallback: measure a trainable layer that no rule knows exactly, by ``torch.func`` per-sample gradients of
+            that layer's own parameters (slower; a :class:`~erasus.ops.SlowPathWarning` names those layers)
+            instead of refusing it. Registered layers keep their fast rules.
 
     Returns:
-        :class:`GradNorms` ``(weight, bias)``, float32 (B,) each, on the input's device. B = 0 gives empty
-        tensors; T = 0 gives zeros.
+        float32 (B,) on the model's device.
+
+    Raises:
+        UnsupportedLayerError: a trainable layer of an unregistered type, or of a registered type whose forward
+            is overridden, or a trainable parameter used outside its layer's forward (``F.linear(h,
+            layer.weight)``, ``h @ emb.weight.T``, a penalty on the weights in the loss): named in the message.
+        NonFiniteError: also when the result overflows float32 (the message says so). Squares are summed in
+            float64, so a norm that fits in float32 is returned even when its square does not.
+        InvalidInputError / ShapeError / NonFiniteError: all parameters frozen, a BatchNorm in training mode,
+            a layer called twice per forward, losses that are not per-sample, NaN/inf losses or gradients.
 
     Example:
         >>> import torch, erasus.ops
-        >>> a, g = torch.tensor([[[1.0, 2.0]]]), torch.tensor([[[3.0]]])
-        >>> erasus.ops.per_sample_grad_norms(a, g).weight.tolist()   # ||[3] x [1, 2]||^2 = 9 + 36
-        [45.0]
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        >>> loss = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+        >>> erasus.ops.grad_norms(model, loss, (x, y)).shape
+        torch.Size([16])
     """
-    a, g = _check_pair(a, g)
-    if path not in PATHS:
-        raise InvalidInputError(f"path must be one of {PATHS}, got {path!r}")
-    if path == "outer" and a.shape[1] != 1:
-        raise InvalidInputError(f"path='outer' needs one step per sample (T = 1), got T = {a.shape[1]}")
-    return norms_unchecked(a, g, path, backend)
+    layers, rules, slow = _capture.trainable_layers(model, "norms", fallback)
+    ties = _shared_parameters(layers)
+    with _capture.parameters_kept(model):
+        losses, records = _capture.capture(model, layers, loss_fn, batch)
+    total = torch.zeros(losses.shape[0], dtype=torch.float64, device=losses.device)
+    for record in records:
+        if record.grad is not None:
+            fn = rules[id(record.module)]
+            try:
+                part = fn(record.module, record.inputs, record.grad, backend)
+            except (UnsupportedLayerError, NonFiniteError) as exc:
+                raise type(exc)(f"layer {record.name or '<model>'}: {exc}") from exc
+            total += part.to(total.device, torch.float64)
+    total += _tied_cross_terms(ties, records)
+    total.clamp_(min=0.0)  # a negative cross term can take an exact zero a rounding below it
+    if not all_finite(total):
+        raise NonFiniteError("a per-sample squared gradient norm overflows float64 although the losses and "
+                             "gradients are finite; scale the loss down")
+    if slow:
+        warnings.warn(f"erasus.ops.grad_norms: layers {slow} have no rule and took the exact torch.func fallback "
+                      "(slower)", SlowPathWarning, stacklevel=2)
+    what = "a per-sample squared gradient norm" if squared else "a per-sample gradient norm"
+    return to_float32(total if squared else total.sqrt(), what)
 
 
-def norms_unchecked(a: torch.Tensor, g: torch.Tensor, path: str = "auto", backend: str | None = None, *,
-                    with_bias: bool = True, out_dtype: torch.dtype = torch.float32) -> GradNorms:
-    """:func:`per_sample_grad_norms` on inputs already checked: (B, T, d) and (B, T, p), one dtype and device,
-    finite. The model-level code calls this, having checked its gradients once; a layer without a trainable
-    bias passes ``with_bias=False``, and the bias part is then returned as computed (an overflow there is not
-    an error, the caller ignores it). ``out_dtype=torch.float64`` returns the squared norms in float64 without
-    a float32 range check (a norm can fit in float32 while its square does not)."""
-    batch, steps, d = a.shape
-    p = g.shape[2]
-    if path == "auto":
-        path = choose_path(steps, d, p)
-    res = _fast_norms(a, g, path, backend)
-    return _exact_where_float32_may_fail(a, g, path, res, with_bias, out_dtype)
+def _shared_parameters(layers) -> list[tuple[nn.Module, nn.Module]]:
+    """Pairs of layers sharing a trainable parameter. Only an embedding tied to an output projection (the
+    tied LM head) is supported: the norm then needs the cross term 2 <grad_emb, grad_head>."""
+    owner: dict[int, tuple[str, nn.Module]] = {}
+    ties = []
+    for name, module in layers:
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if id(p) in owner:
+                other_name, other = owner[id(p)]
+                pair = (other, module) if isinstance(other, nn.Embedding) else (module, other)
+                if not (isinstance(pair[0], nn.Embedding) and isinstance(pair[1], nn.Linear)
+                        and pair[1].weight is pair[0].weight):
+                    raise UnsupportedLayerError(f"layers {other_name} and {name} share a parameter; only an "
+                                                "embedding tied to a linear output layer is supported")
+                ties.append(pair)
+            else:
+                owner[id(p)] = (name, module)
+    return ties
 
 
-def _fast_norms(a: torch.Tensor, g: torch.Tensor, path: str, backend: str | None) -> GradNorms:
-    batch, steps, d = a.shape
-    p = g.shape[2]
-    # On the CPU the C++ kernel wins the T = 1 row norms and thin layers (one side <= 64, e.g. LoRA factors);
-    # for wide GEMM-shaped work torch's BLAS wins (bench/RESULTS.md, layer-level table). Strided inputs (the
-    # unfolded input of a convolution) would need a copy for C++, while torch's bmm reads them in place.
-    dense = a.is_contiguous() and g.is_contiguous()
-    cpu_order = ("cpp", "reference") if dense and (path == "outer" or min(d, p) <= THIN) else ("reference",)
-    implementation = GRAD_NORMS.select(a.device, backend, preferred={**_backend.PREFERRED, "cpu": cpu_order})
-    if batch == 0 or steps == 0 or d == 0 or p == 0:
-        zeros = torch.zeros(batch, dtype=torch.float32, device=a.device)
-        return GradNorms(zeros, zeros.clone())
-    if implementation is not per_sample_grad_norms_reference:  # the compiled kernels read dense row-major memory
-        a, g = a.contiguous(), g.contiguous()
-    return implementation(a, g, path)
-
-
-def _norms_cpp(a: torch.Tensor, g: torch.Tensor, path: str) -> GradNorms:
-    weight = torch.empty(a.shape[0], dtype=torch.float32)
-    bias = torch.empty(a.shape[0], dtype=torch.float32)
-    _cpp.call("per_sample_grad_norms", _cpp.as_numpy(a), _cpp.as_numpy(g), _cpp.elem_name(a.dtype),
-              _PATH_CODE[path], weight.numpy(), bias.numpy())
-    return GradNorms(weight, bias)
-
-
-def _norms_triton(a: torch.Tensor, g: torch.Tensor, path: str) -> GradNorms:
-    from erasus.kernels import grad_norms as kernel
-
-    weight = kernel.weight_norms(a, g, path)
-    return GradNorms(weight, g.sum(dim=1, dtype=torch.float32).square().sum(dim=1))
-
-
-# A float32 intermediate below 2**-149 is lost (underflow). The ghost and outer paths square A and G
-# separately, which loses at most 2**-149 T^2 d p (max|a|^2 + max|g|^2) of a sample's squared norm; a result
-# above that loss divided by float32's epsilon (2**-24, with margin: 2**-120 overall) is exact up to rounding.
-_SUSPECT_BELOW = 2.0 ** -120
-
-
-def _exact_where_float32_may_fail(a: torch.Tensor, g: torch.Tensor, path: str, res: GradNorms, with_bias: bool,
-                                  out_dtype: torch.dtype) -> GradNorms:
-    """Recompute in float64 the samples whose float32 result overflowed or may have underflowed."""
-    batch, steps, d = a.shape
-    p = g.shape[2]
-    weight, bias = res.weight.to(out_dtype), res.bias.to(out_dtype)
-    if batch == 0 or steps == 0:
-        return GradNorms(weight, bias)
-    largest_a, largest_g = max_abs(a), max_abs(g)
-    if out_dtype == torch.float64 and with_bias and largest_g < 2.0**-40:
-        # the float32 squares of sums this small may underflow; in float64 they cannot
-        bias = g.sum(dim=1, dtype=torch.float32).double().square().sum(dim=1)
-    suspect = ~torch.isfinite(weight)
-    if with_bias:
-        suspect |= ~torch.isfinite(bias)
-    if largest_a > 0.0 and largest_g > 0.0:  # otherwise every weight gradient is exactly zero
-        suspect |= res.weight < _SUSPECT_BELOW * steps * steps * d * p * (largest_a**2 + largest_g**2)
-    if not bool(suspect.any()):
-        return GradNorms(weight, bias)
-    rows = suspect.nonzero().flatten()
-    exact = per_sample_grad_norms_reference(a[rows], g[rows], path, dtype=torch.float64)
-    weight, bias = weight.clone(), bias.clone()
-    if out_dtype == torch.float64:
-        weight[rows], bias[rows] = exact.weight, exact.bias
-    else:
-        weight[rows] = to_float32(exact.weight, "a per-sample squared weight-gradient norm")
-        bias[rows] = to_float32(exact.bias, "a per-sample squared bias-gradient norm") if with_bias \
-            else exact.bias.float()
-    return GradNorms(weight, bias)
-
-
-def per_sample_grad_norms_reference(a: torch.Tensor, g: torch.Tensor, path: str,
-                                    dtype: torch.dtype = torch.float32) -> GradNorms:
-    """Plain-torch oracle for each path, computed in ``dtype`` (float32, or float64 for exact range)."""
-    af, gf = a.to(dtype), g.to(dtype)
-    bias = gf.sum(dim=1).square().sum(dim=1)
-    if path == "outer":
-        weight = af.square().sum(dim=(1, 2)) * gf.square().sum(dim=(1, 2))
-    elif path == "ghost":
-        weight = (torch.bmm(af, af.transpose(1, 2)) * torch.bmm(gf, gf.transpose(1, 2))).sum(dim=(1, 2))
-    else:  # batched G_i^T A_i in chunks of samples, so the chunk x p x d buffer stays under ~64 MB
-        batch, _, d = af.shape
-        chunk = max(1, (1 << 24) // max(1, d * gf.shape[2]))
-        weight = torch.cat([torch.bmm(gf[i : i + chunk].transpose(1, 2), af[i : i + chunk]).square().sum(dim=(1, 2))
-                            for i in range(0, batch, chunk)]) if batch else gf.new_zeros(0)
-    return GradNorms(weight, bias)
-
-
-#: (a, g, path) -> squared GradNorms of dense (B, T, d) / (B, T, p) inputs
-GRAD_NORMS = _backend.OpTable("per_sample_grad_norms", {"reference": per_sample_grad_norms_reference,
-                                                        "cpp": _norms_cpp, "triton": _norms_triton})
-BACKENDS = GRAD_NORMS.backends
-
-
-def _check_pair(a, g) -> tuple[torch.Tensor, torch.Tensor]:
-    for name, t in (("a", a), ("g", g)):
-        if not isinstance(t, torch.Tensor):
-            raise InvalidInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() not in (2, 3):
-            raise ShapeError(f"{name} must be (B, T, features) or (B, features), got shape {tuple(t.shape)}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise DTypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if a.dim() != g.dim():
-        raise ShapeError(f"a and g must have the same number of dimensions, got {tuple(a.shape)} and "
-                         f"{tuple(g.shape)}")
-    if a.dtype != g.dtype:
-        raise DTypeError(f"a and g must share a dtype, got {a.dtype} and {g.dtype}")
-    if a.device != g.device:
-        raise InvalidInputError(f"a and g must be on one device, got {a.device} and {g.device}")
-    if a.dim() == 2:
-        a, g = a[:, None, :], g[:, None, :]
-    if a.shape[:2] != g.shape[:2]:
-        raise ShapeError(f"a and g must agree on (B, T), got {tuple(a.shape[:2])} and {tuple(g.shape[:2])}")
-    for name, t in (("a", a), ("g", g)):
-        if not all_finite(t):
-            raise NonFiniteError(f"{name} holds NaN or infinite values")
-    return a.detach(), g.detach()
+def _tied_cross_terms(ties, records) -> torch.Tensor:
+    by_module = {id(r.module): r for r in records}
+    total = 0.0
+    for emb, head in ties:
+        e, h = by_module.get(id(emb)), by_module.get(id(head))
+        if e is None or h is None or e.grad is None or h.grad is None:
+            continue
+        ids = e.inputs[0]
+        batch = ids.shape[0]
+        ids = ids.reshape(batch, -1)
+        g_emb = e.grad.reshape(batch, ids.shape[1], -1).float()
+        if emb.padding_idx is not None:
+            g_emb = g_emb * (ids != emb.padding_idx).unsqueeze(-1)
+        hidden = h.inputs[0].reshape(batch, -1, h.inputs[0].shape[-1]).float()
+        g_head = h.grad.reshape(batch, hidden.shape[1], -1).float()
+        # <sum_s e_{x_s} g_emb_s^T, sum_t g_head_t h_t^T> = sum_{t,s} g_head_t[x_s] (h_t . g_emb_s)
+        picked = torch.gather(g_head, 2, ids.unsqueeze(1).expand(-1, g_head.shape[1], -1))
+        # one gradient factor per float32 product; the product of two is taken in float64 (range)
+        total = total + 2 * (picked.double() * torch.bmm(hidden, g_emb.transpose(1, 2)).double()).sum(dim=(1, 2))
+    return total

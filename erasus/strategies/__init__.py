@@ -6,9 +6,10 @@ retain_batch, original)`` for your own loop, and ``unlearn`` to run theirs with 
 from erasus.strategies.base import STRATEGIES, GradientStrategy, Strategy, frozen_copy, get_strategy
 from erasus.strategies.gradient import NPO, SCRUB, FineTune, GradDiff, GradientAscent, SalUn, SimNPO
 from erasus.strategies.representation import RMU
+from erasus.strategies.elm import ELM
 from erasus.strategies.guard import GuardTripped, TrainingGuard
 from erasus.strategies.training_free import SSD, FisherForgetting
 
 __all__ = ["STRATEGIES", "Strategy", "GradientStrategy", "get_strategy", "frozen_copy", "GradientAscent",
-           "GradDiff", "NPO", "SimNPO", "RMU", "FineTune", "SCRUB", "SalUn", "SSD", "FisherForgetting", "TrainingGuard",
+           "GradDiff", "NPO", "SimNPO", "RMU", "ELM", "FineTune", "SCRUB", "SalUn", "SSD", "FisherForgetting", "TrainingGuard",
            "GuardTripped"]

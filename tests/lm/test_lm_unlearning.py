@@ -12,10 +12,10 @@ from erasus.strategies import STRATEGIES
 from erasus.tasks import CausalLM
 
 SETTINGS = {name: by_arch for _, name, by_arch in LM_METHODS}
-if "elm" in STRATEGIES:
-    from erasus.strategies.elm import DEMO_PARAMS
-
-    SETTINGS["elm"] = DEMO_PARAMS
+# ELM erases what the model itself tells apart in expert and novice contexts; this corpus's models never saw such
+# roles (their word-level tokenizer reads most template words as <unk>: GPT-2 reaches forget QA 0.50-0.54 only),
+# so ELM's four combinations are tested in tests/lm/test_elm.py, on models trained to know the roles.
+ROLE_DEPENDENT = {"elm"}
 # the band: the unlearned forget NLL lies between these multiples of the retrained model's (the original's is
 # about 0.02 of it); forget QA accuracy at most the retrained model's + 0.25
 FORGET_NLL_BAND = (0.4, 3.0)
@@ -36,6 +36,7 @@ def scenario(request, erasus_cache):
 def test_the_lm_strategies_are_covered():
     lm_strategies = {n for n, c in STRATEGIES.items() if c.tasks is None or "causal_lm" in c.tasks}
     lm_strategies -= {"finetune", "scrub", "salun", "ssd", "fisher"}  # classifier-tuned; they run, untuned here
+    lm_strategies -= ROLE_DEPENDENT
     assert lm_strategies <= set(SETTINGS), lm_strategies - set(SETTINGS)
 
 

@@ -5,10 +5,12 @@ from torch import nn
 
 import erasus.ops
 from erasus import errors
-from erasus.ops.fisher import BACKENDS
+from erasus.ops.linear_grads import SQUARED_GRAD_SUM
 from oracles import backends_for
 from test_grad_norms import DTYPES, TOL, case, is_interpreted
 from test_model_grad_norms import ce, cnn, lm_batch, lm_loss, mlp, tiny_gpt2, tiny_llama
+
+BACKENDS = SQUARED_GRAD_SUM.backends
 
 SHAPES = [(1, 1, 1, 1), (5, 1, 7, 3), (17, 1, 33, 18), (1, 4, 9, 5), (3, 2, 33, 17), (4, 19, 20, 6)]
 TRITON_SHAPES = [(1, 1, 1, 1), (5, 1, 7, 3), (2, 3, 9, 5)]

@@ -1,0 +1,96 @@
+"""The one registry of layer rules: for each layer type, how to turn a layer's inputs and output gradient into
+per-sample squared gradient norms (``norms``) and the sum over samples of squared gradients (``fisher``) of its
+own trainable parameters. Both model-level ops read it; a rule is looked up through the module's MRO.
+
+Types from optional libraries (transformers) are registered lazily, on the first lookup after the library has
+been imported by the caller (a model of that library implies it): erasus never imports them on its own, and
+importing :mod:`erasus.ops` registers nothing as a side effect beyond the torch layers of this package.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+from torch import nn
+
+# (module, inputs, output_grad, backend) -> (B,) squared norm over the module's own trainable parameters,
+# float64 preferred (squares of finite float32 gradients can leave the float32 range while the norm fits).
+NormRule = Callable[[nn.Module, tuple, torch.Tensor, "str | None"], torch.Tensor]
+# (module, inputs, output_grad, backend) -> {parameter attribute name: float32 sum_i (grad_i)^2, param-shaped}
+FisherRule = Callable[[nn.Module, tuple, torch.Tensor, "str | None"], "dict[str, torch.Tensor]"]
+
+
+@dataclasses.dataclass
+class LayerRule:
+    """How one layer type yields per-sample quantities; either part may be missing (None) for a user's type
+    registered for one op only."""
+
+    norms: NormRule | None = None
+    fisher: FisherRule | None = None
+
+
+RULES: dict[type, LayerRule] = {}
+_lazy_loaders: list[Callable[[], bool]] = []
+
+
+def register_layer(*layer_types: type, norms: NormRule | None = None, fisher: FisherRule | None = None) -> None:
+    """Register ``norms`` and/or ``fisher`` for each of ``layer_types`` (a part given replaces the old one)."""
+    for layer_type in layer_types:
+        if not isinstance(layer_type, type) or not issubclass(layer_type, nn.Module):
+            from erasus.errors import InvalidInputError
+
+            raise InvalidInputError(f"layer types must be nn.Module subclasses, got {layer_type!r}")
+        rule = RULES.setdefault(layer_type, LayerRule())
+        if norms is not None:
+            rule.norms = norms
+        if fisher is not None:
+            rule.fisher = fisher
+
+
+def register_norm_sampler(*layer_types: type):
+    """``@register_norm_sampler(Layer)``: ``fn(module, inputs, output_grad, backend) -> (B,)`` squared
+    per-sample norms over the module's own trainable parameters (float64 preferred: square in float64 what may
+    underflow). ``inputs`` are the layer's forward arguments (keyword arguments in signature order),
+    ``output_grad`` the gradient of the summed per-sample losses at its output."""
+    def decorate(fn: NormRule) -> NormRule:
+        register_layer(*layer_types, norms=fn)
+        return fn
+    return decorate
+
+
+def register_fisher_sampler(*layer_types: type):
+    """``@register_fisher_sampler(Layer)``: ``fn(module, inputs, output_grad, backend) -> {parameter attribute
+    name: sum over samples of squared per-sample gradients}`` (float32, shaped like the parameter)."""
+    def decorate(fn: FisherRule) -> FisherRule:
+        register_layer(*layer_types, fisher=fn)
+        return fn
+    return decorate
+
+
+def register_lazy(loader: Callable[[], bool]) -> None:
+    """``loader()`` registers the types of an optional library and returns True once it has (it is then not
+    called again); it returns False while the library is not imported."""
+    _lazy_loaders.append(loader)
+
+
+def _load_lazy() -> None:
+    for loader in list(_lazy_loaders):
+        if loader():
+            _lazy_loaders.remove(loader)
+
+
+def registered_type(module: nn.Module, part: str) -> type | None:
+    """The first class in the module's MRO whose rule has ``part`` ("norms" or "fisher")."""
+    _load_lazy()
+    for cls in type(module).__mro__:
+        rule = RULES.get(cls)
+        if rule is not None and getattr(rule, part) is not None:
+            return cls
+    return None
+
+
+def rule_for(module: nn.Module, part: str) -> Callable | None:
+    """The ``part`` function ("norms" or "fisher") of the module's rule, or None."""
+    cls = registered_type(module, part)
+    return None if cls is None else getattr(RULES[cls], part)
