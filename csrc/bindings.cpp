@@ -92,18 +92,26 @@ void check_scale(double scale) {
     throw ArrayShapeError("scale must be a power of two that is a normal float32, got " + std::to_string(scale));
 }
 
-float kcenter_greedy(const py::array& x, const std::string& elem_name, const py::array& init, py::array& out,
-                     py::array& min_dist, double scale) {
-  const Elem elem = parse_elem(elem_name);
+// The checks shared by the coreset loops: x an (n, d) matrix of `elem` with n >= 1, out an int64 (k,) array
+// with 1 <= k <= n (checked for dtype and layout by check_vector). Returns k.
+int64_t check_selection(const py::array& x, Elem elem, const py::array& out) {
   check_matrix(x, elem);
-  const int64_t n = x.shape(0), d = x.shape(1);
+  const int64_t n = x.shape(0);
   const int64_t k = out.ndim() == 1 ? out.shape(0) : -1;
   if (n < 1) throw ArrayShapeError("x must have at least one row");
   if (k < 1 || k > n) throw ArrayShapeError("out must be 1-D with 1 <= length <= n");
+  check_vector<int64_t>(out, "out", k, true);
+  return k;
+}
+
+float kcenter_greedy(const py::array& x, const std::string& elem_name, const py::array& init, py::array& out,
+                     py::array& min_dist, double scale) {
+  const Elem elem = parse_elem(elem_name);
+  const int64_t k = check_selection(x, elem, out);
+  const int64_t n = x.shape(0), d = x.shape(1);
   const int64_t n_init = init.ndim() == 1 ? init.shape(0) : -1;
   if (n_init < 1 || n_init > k) throw ArrayShapeError("init must be 1-D with 1 <= length <= len(out)");
   check_vector<int64_t>(init, "init", n_init, false);
-  check_vector<int64_t>(out, "out", k, true);
   check_vector<float>(min_dist, "min_dist", n, true);
   const auto* init_ptr = static_cast<const int64_t*>(init.data());
   for (int64_t i = 0; i < n_init; ++i)
@@ -120,12 +128,8 @@ float kcenter_greedy(const py::array& x, const std::string& elem_name, const py:
 
 void herding(const py::array& x, const std::string& elem_name, py::array& out, py::array& selected, double scale) {
   const Elem elem = parse_elem(elem_name);
-  check_matrix(x, elem);
+  const int64_t k = check_selection(x, elem, out);
   const int64_t n = x.shape(0), d = x.shape(1);
-  const int64_t k = out.ndim() == 1 ? out.shape(0) : -1;
-  if (n < 1) throw ArrayShapeError("x must have at least one row");
-  if (k < 1 || k > n) throw ArrayShapeError("out must be 1-D with 1 <= length <= n");
-  check_vector<int64_t>(out, "out", k, true);
   check_vector<uint8_t>(selected, "selected", n, true);
   check_scale(scale);
   auto* out_ptr = static_cast<int64_t*>(out.mutable_data());

@@ -10,6 +10,20 @@ import triton.language as tl
 
 
 @triton.jit
+def _gram_tile(x_ptr, steps, width, rs, rt, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    # rows rs x rows rt of X X^T for one sample's (steps x width) row-major X, in float32
+    acc = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
+    for k0 in range(0, width, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        xs = tl.load(x_ptr + rs[:, None] * width + cols[None, :],
+                     mask=(rs[:, None] < steps) & (cols[None, :] < width), other=0.0).to(tl.float32)
+        xt = tl.load(x_ptr + rt[:, None] * width + cols[None, :],
+                     mask=(rt[:, None] < steps) & (cols[None, :] < width), other=0.0).to(tl.float32)
+        acc += tl.dot(xs, tl.trans(xt), input_precision="ieee")
+    return acc
+
+
+@triton.jit
 def _ghost_tile(a_ptr, g_ptr, part_ptr, steps, d, p, n_tiles,
                 BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     # One (s-tile, t-tile) block of <A A^T, G G^T> for one sample; the lower triangle counts twice.
@@ -20,22 +34,8 @@ def _ghost_tile(a_ptr, g_ptr, part_ptr, steps, d, p, n_tiles,
     if tt <= ts:
         rs = ts * BLOCK_T + tl.arange(0, BLOCK_T)
         rt = tt * BLOCK_T + tl.arange(0, BLOCK_T)
-        aa = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
-        for k0 in range(0, d, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            xs = tl.load(a_ptr + b * steps * d + rs[:, None] * d + cols[None, :],
-                         mask=(rs[:, None] < steps) & (cols[None, :] < d), other=0.0).to(tl.float32)
-            xt = tl.load(a_ptr + b * steps * d + rt[:, None] * d + cols[None, :],
-                         mask=(rt[:, None] < steps) & (cols[None, :] < d), other=0.0).to(tl.float32)
-            aa += tl.dot(xs, tl.trans(xt), input_precision="ieee")
-        gg = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
-        for k0 in range(0, p, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            ys = tl.load(g_ptr + b * steps * p + rs[:, None] * p + cols[None, :],
-                         mask=(rs[:, None] < steps) & (cols[None, :] < p), other=0.0).to(tl.float32)
-            yt = tl.load(g_ptr + b * steps * p + rt[:, None] * p + cols[None, :],
-                         mask=(rt[:, None] < steps) & (cols[None, :] < p), other=0.0).to(tl.float32)
-            gg += tl.dot(ys, tl.trans(yt), input_precision="ieee")
+        aa = _gram_tile(a_ptr + b * steps * d, steps, d, rs, rt, BLOCK_T, BLOCK_K)
+        gg = _gram_tile(g_ptr + b * steps * p, steps, p, rs, rt, BLOCK_T, BLOCK_K)
         total = tl.sum(tl.sum(aa * gg, axis=1), axis=0)
         weight = tl.where(tt == ts, 1.0, 2.0)
         tl.store(part_ptr + b * n_tiles * n_tiles + pair, total * weight)
