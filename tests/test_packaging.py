@@ -15,7 +15,10 @@ def test_compiled_extension_is_installed_and_threaded():
 
 
 def test_triton_sources_ship_as_erasus_kernels_only():
-    files = [str(f) for f in importlib.metadata.files("erasus") or []]
+    listed = importlib.metadata.files("erasus")
+    assert listed, "the installed erasus lists no files (no RECORD): nothing below would be checked"
+    files = [str(f) for f in listed]
+    assert any(f.replace("\\", "/").startswith("erasus/") for f in files), files  # the package's own files
     assert not any(f.startswith("kernels/") for f in files), "a top-level 'kernels' package was installed"
     spec = importlib.util.find_spec("erasus.kernels")
     assert spec is not None and spec.origin.endswith("__init__.py")

@@ -100,8 +100,9 @@ def _fast_norms(a: torch.Tensor, g: torch.Tensor, path: str, backend: str | None
     cpu_order = ("cpp", "reference") if dense and (path == "outer" or min(d, p) <= THIN) else ("reference",)
     implementation = GRAD_NORMS.select(a.device, backend, preferred={**_backend.PREFERRED, "cpu": cpu_order})
     if batch == 0 or steps == 0 or d == 0 or p == 0:
-        zeros = torch.zeros(batch, dtype=torch.float32, device=a.device)
-        return SquaredGradNorms(zeros, zeros.clone())
+        # no weight gradient; the bias gradient sum_t g_t still exists when only d is 0
+        bias = g.sum(dim=1, dtype=torch.float32).square().sum(dim=1)
+        return SquaredGradNorms(torch.zeros(batch, dtype=torch.float32, device=a.device), bias)
     if implementation is not per_sample_grad_norms_reference:  # the compiled kernels read dense row-major memory
         a, g = a.contiguous(), g.contiguous()
     return implementation(a, g, path)
@@ -268,8 +269,9 @@ def _fast_squares(a: torch.Tensor, g: torch.Tensor, backend: str | None) -> Squa
     implementation = SQUARED_GRAD_SUM.select(a.device, backend,
                                              preferred={**_backend.PREFERRED, "cpu": cpu_order})
     if batch == 0 or steps == 0 or d == 0 or p == 0:
+        # no weight gradient; the bias gradient sum_t g_t still exists when only d is 0
         return SquaredGradSum(torch.zeros(p, d, dtype=torch.float32, device=a.device),
-                              torch.zeros(p, dtype=torch.float32, device=a.device))
+                              g.sum(dim=1, dtype=torch.float32).square().sum(dim=0))
     if implementation is not squared_grad_sum_reference:  # the compiled kernels read dense row-major memory
         a, g = a.contiguous(), g.contiguous()
     return implementation(a, g)

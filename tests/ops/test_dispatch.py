@@ -25,6 +25,7 @@ def test_default_on_cpu_is_the_compiled_backend():
 
 
 def test_environment_variable_overrides_the_default(monkeypatch):
+    torch.manual_seed(0)  # fixed data, whatever ran before
     monkeypatch.setenv("ERASUS_BACKEND", "reference")
     assert _backend.resolve("herding", ("reference", "cpp"), torch.device("cpu"), None) == "reference"
     # an op without that backend keeps its own default
@@ -38,6 +39,7 @@ def test_environment_variable_overrides_the_default(monkeypatch):
 
 
 def test_explicit_backend_that_cannot_run_raises(monkeypatch):
+    torch.manual_seed(0)  # fixed data, whatever ran before
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     if torch.cuda.is_available():
         pytest.skip("triton runs here")
@@ -49,6 +51,7 @@ def test_explicit_backend_that_cannot_run_raises(monkeypatch):
 
 
 def test_missing_backend_falls_back_to_reference_with_one_warning(monkeypatch):
+    torch.manual_seed(0)  # fixed data, whatever ran before
     monkeypatch.setattr(_backend, "_probe", lambda name: (name == "reference", f"{name} missing (simulated)"))
     monkeypatch.setattr(_backend, "_warned", set())
     x = torch.randn(30, 5)

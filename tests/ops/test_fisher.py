@@ -1,3 +1,5 @@
+import copy
+
 import peft
 import pytest
 import torch
@@ -106,17 +108,67 @@ def test_language_model_fisher_matches_the_loop():
                         loop_fisher(tied, lm_loss, [lm_batch()], "batch_squared"))
 
 
-def test_mc_fisher_uses_labels_drawn_from_the_model():
-    model = mlp()
-    x = torch.randn(200, 12)
+def class_resolved_squares(model, inputs):
+    """For each input row x_j and each class y: p(y | x_j) and the squared gradient of CE(model(x_j), y) for
+    every parameter, by one autograd call per (row, class) on a float64 copy of the model."""
+    model64 = copy.deepcopy(model).double()
+    params = dict(model64.named_parameters())
+    rows = []
+    for x in inputs.double():
+        logits = model64(x[None])
+        probs = torch.softmax(logits.detach()[0], dim=0)
+        squares = []
+        for y in range(logits.shape[1]):
+            loss = nn.functional.cross_entropy(logits, torch.tensor([y]))
+            grads = torch.autograd.grad(loss, list(params.values()), retain_graph=True)
+            squares.append({n: g.square() for n, g in zip(params, grads)})
+        rows.append((probs, squares))
+    return list(params), rows
+
+
+def label_average(names, rows, weights_of):
+    """mean_j sum_y w_j(y) g_{j,y}^2: the Fisher of one label drawn per sample with probabilities w_j."""
+    return {n: sum(sum(w * sq[n] for w, sq in zip(weights_of(probs), squares)) for probs, squares in rows) / len(rows)
+            for n in names}
+
+
+def test_mc_fisher_converges_to_the_expected_fisher_of_the_model():
+    # 4 distinct inputs, each repeated R times: the MC estimate averages R labels drawn from p(. | x_j), and the
+    # true Fisher is mean_j sum_y p(y | x_j) g_{j,y}^2, computed exactly by a per-class loop.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[2].weight.mul_(6.0)  # peaked, unequal class probabilities: label choices then matter
+    inputs, repeats = torch.randn(4, 3, generator=torch.Generator().manual_seed(1)), 20000
+    data = [inputs.repeat_interleave(repeats, dim=0)]
     logits_fn = lambda m, b: m(b)  # noqa: E731
-    got = erasus.ops.fisher_diagonal(model, [x], mode="mc", logits_fn=logits_fn, seed=0)
-    again = erasus.ops.fisher_diagonal(model, [x], mode="mc", logits_fn=logits_fn, seed=0)
+    got = erasus.ops.fisher_diagonal(model, data, mode="mc", logits_fn=logits_fn, seed=0)
+    again = erasus.ops.fisher_diagonal(model, data, mode="mc", logits_fn=logits_fn, seed=0)
+    other_seed = erasus.ops.fisher_diagonal(model, data, mode="mc", logits_fn=logits_fn, seed=1)
     assert all(torch.equal(got[n], again[n]) for n in got)
-    # The exact Fisher of softmax CE: E_y[(d CE/d logits)^2 ...] -> for the output bias, mean_i diag(p_i - p_i^2)
-    probs = torch.softmax(model(x), dim=1).detach()
-    exact_bias = (probs - probs.square()).mean(0)
-    torch.testing.assert_close(got["3.bias"], exact_bias, rtol=0.3, atol=0.02)
+    assert any(not torch.equal(got[n], other_seed[n]) for n in got)
+
+    names, rows = class_resolved_squares(model, inputs)
+    exact = label_average(names, rows, lambda p: p)
+    # Standard error of the estimate, element by element: Var_y(g^2) under p, per input, over R draws each.
+    fourth = label_average(names, rows, lambda p: p * 0)  # zeros shaped like each parameter
+    for probs, squares in rows:
+        for n in names:
+            mean = sum(w * sq[n] for w, sq in zip(probs, squares))
+            fourth[n] += (sum(w * sq[n].square() for w, sq in zip(probs, squares)) - mean.square()) / repeats
+    stderr = {n: fourth[n].sqrt() / len(rows) for n in names}
+    # 5 standard errors (a false alarm about once in 10^6 per element) plus float32 rounding of the sums
+    tolerance = {n: 5 * stderr[n] + 1e-6 + 1e-5 * exact[n] for n in names}
+    assert set(got) == set(names)
+    for n in names:
+        assert bool(((got[n].double() - exact[n]).abs() <= tolerance[n]).all()), n
+
+    # The check can tell a wrong estimator: labels drawn uniformly, or the most likely label, or the data's own
+    # label distribution ignored altogether, land far outside the tolerance.
+    uniform = label_average(names, rows, lambda p: torch.full_like(p, 1 / p.numel()))
+    argmax = label_average(names, rows, lambda p: nn.functional.one_hot(p.argmax(), p.numel()).double())
+    for wrong in (uniform, argmax):
+        assert max(float(((wrong[n] - exact[n]).abs() / tolerance[n]).max()) for n in names) > 10
 
 
 def test_fisher_leaves_the_model_alone_and_reduction_sum():

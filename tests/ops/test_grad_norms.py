@@ -41,18 +41,17 @@ def test_every_backend_and_path_matches_the_per_sample_loop(backend, path):
         for dtype in dtypes:
             a, g = case(batch, steps, d, p, dtype)
             got = erasus.ops.per_sample_grad_norms(a, g, path=path, backend=backend)
-            ref = erasus.ops.per_sample_grad_norms(a, g, path=path, backend="reference")
             want_w, want_b = per_sample_loop(a, g)
             rtol, atol = TOL[dtype]
             assert got.weight.dtype == torch.float32 and got.weight.shape == (batch,)
             torch.testing.assert_close(got.weight.double(), want_w, rtol=rtol, atol=atol)
             torch.testing.assert_close(got.bias.double(), want_b, rtol=rtol, atol=atol)
-            torch.testing.assert_close(got.weight, ref.weight, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("backend", backends_for(BACKENDS))
 def test_two_dimensional_inputs_are_one_step_per_sample(backend):
-    a, g = torch.randn(6, 5), torch.randn(6, 3)
+    gen = torch.Generator().manual_seed(1)
+    a, g = torch.randn(6, 5, generator=gen), torch.randn(6, 3, generator=gen)
     got = erasus.ops.per_sample_grad_norms(a, g, backend=backend)
     torch.testing.assert_close(got.weight, a.square().sum(1) * g.square().sum(1), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.bias, g.square().sum(1), rtol=1e-5, atol=1e-6)
@@ -91,22 +90,28 @@ def test_path_rule_follows_the_flop_count():
     assert choose_path(512, 4096, 8) == "materialize"   # LoRA factor: one side of size r
 
 
+def seeded(*shape):
+    """Values for the error table: fixed, so no case depends on the global generator's state."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(len(shape)))
+
+
 @pytest.mark.parametrize(
     "a, g, kwargs, error, match",
     [
-        (torch.randn(2, 3, 4), torch.randn(2, 4, 5), {}, errors.ShapeError, "agree on"),
-        (torch.randn(2, 3, 4), torch.randn(3, 3, 5), {}, errors.ShapeError, "agree on"),
-        (torch.randn(2, 3, 4), torch.randn(2, 5), {}, errors.ShapeError, "same number of dimensions"),
-        (torch.randn(4), torch.randn(4), {}, errors.ShapeError, "a must be"),
-        (torch.randn(2, 3, 4, 1), torch.randn(2, 3, 4, 1), {}, errors.ShapeError, "a must be"),
-        (torch.randn(2, 3), torch.randn(2, 3).half(), {}, errors.DTypeError, "share a dtype"),
-        (torch.randn(2, 3).double(), torch.randn(2, 3).double(), {}, errors.DTypeError, "a must be float32"),
-        (torch.randn(2, 3), torch.full((2, 3), float("nan")), {}, errors.NonFiniteError, "g holds NaN"),
-        (torch.randn(2, 3, 4), torch.randn(2, 3, 2), {"path": "outer"}, errors.InvalidInputError, "T = 1"),
-        (torch.randn(2, 3, 4), torch.randn(2, 3, 2), {"path": "fast"}, errors.InvalidInputError, "path must"),
-        ([1.0], torch.randn(2, 3), {}, errors.InvalidInputError, "a must be a torch.Tensor"),
+        (seeded(2, 3, 4), seeded(2, 4, 5), {}, errors.ShapeError, "agree on"),
+        (seeded(2, 3, 4), seeded(3, 3, 5), {}, errors.ShapeError, "agree on"),
+        (seeded(2, 3, 4), seeded(2, 5), {}, errors.ShapeError, "same number of dimensions"),
+        (seeded(4), seeded(4), {}, errors.ShapeError, "a must be"),
+        (seeded(2, 3, 4, 1), seeded(2, 3, 4, 1), {}, errors.ShapeError, "a must be"),
+        (seeded(2, 3), seeded(2, 3).half(), {}, errors.DTypeError, "share a dtype"),
+        (seeded(2, 3).double(), seeded(2, 3).double(), {}, errors.DTypeError, "a must be float32"),
+        (seeded(2, 3), torch.full((2, 3), float("nan")), {}, errors.NonFiniteError, "g holds NaN"),
+        (seeded(2, 3, 4), seeded(2, 3, 2), {"path": "outer"}, errors.InvalidInputError, "T = 1"),
+        (seeded(2, 3, 4), seeded(2, 3, 2), {"path": "fast"}, errors.InvalidInputError, "path must"),
+        ([1.0], seeded(2, 3), {}, errors.InvalidInputError, "a must be a torch.Tensor"),
     ],
 )
 def test_bad_input_gets_a_clear_error(a, g, kwargs, error, match):
-    with pytest.raises(error, match=match):
+    with pytest.raises(errors.ErasusError, match=match) as raised:
         erasus.ops.per_sample_grad_norms(a, g, **kwargs)
+    assert type(raised.value) is error

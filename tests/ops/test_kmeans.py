@@ -37,17 +37,39 @@ def test_rows_are_the_ones_nearest_the_centroids(backend):
 
 @pytest.mark.parametrize("backend", backends_for(BACKENDS))
 def test_k_equal_n_and_n_equal_one_return_every_row(backend):
-    x = torch.randn(9, 4)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 4, generator=gen)
     assert sorted(erasus.ops.kmeans_coreset(x, 9, backend=backend).tolist()) == list(range(9))
-    assert erasus.ops.kmeans_coreset(torch.randn(1, 3), 1, backend=backend).tolist() == [0]
+    assert erasus.ops.kmeans_coreset(torch.randn(1, 3, generator=gen), 1, backend=backend).tolist() == [0]
 
 
 @pytest.mark.parametrize("init", ["k-means++", "random"])
 def test_seed_makes_it_repeatable(init):
-    x = torch.randn(200, 8)
+    x = torch.randn(200, 8, generator=torch.Generator().manual_seed(4))
     a = erasus.ops.kmeans_coreset(x, 10, seed=5, init=init)
     assert torch.equal(a, erasus.ops.kmeans_coreset(x, 10, seed=5, init=init))
     assert a.unique().numel() == 10
+
+
+@pytest.mark.parametrize("backend", backends_for(BACKENDS))
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_fewer_distinct_rows_than_k_still_gives_k_distinct_rows(backend, seed):
+    # Three values, each on 3 rows, k = 5: k-means++ seeding picks one row of each value first (a new value
+    # always has positive weight), then every remaining row duplicates a chosen one, all weights are 0, and it
+    # draws among the unchosen rows uniformly. Each value keeps at least one centroid, each centroid its own row.
+    x = torch.tensor([[0.0, 0.0], [5.0, 5.0], [-3.0, 1.0]]).repeat(3, 1)
+    got = erasus.ops.kmeans_coreset(x, 5, seed=seed, backend=backend)
+    assert got.unique().numel() == 5 and int(got.min()) >= 0 and int(got.max()) < 9
+    assert set(x[got, 0].tolist()) == {0.0, 5.0, -3.0}
+    assert torch.equal(got, erasus.ops.kmeans_coreset(x, 5, seed=seed, backend=backend))
+
+
+@pytest.mark.parametrize("backend", backends_for(BACKENDS))
+def test_all_rows_identical(backend):
+    x = torch.full((5, 3), 2.5)
+    for k in (1, 3, 5):
+        got = erasus.ops.kmeans_coreset(x, k, seed=7, backend=backend)
+        assert got.shape == (k,) and got.unique().numel() == k and int(got.max()) < 5
 
 
 def test_centroids_sharing_a_nearest_row_get_distinct_rows():

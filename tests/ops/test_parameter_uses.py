@@ -127,12 +127,14 @@ def test_a_parameter_used_outside_its_layer_is_refused_by_name(what, model, loss
 
 def test_batch_squared_fisher_stays_exact_for_those_models():
     """The batch-squared mode takes whole-batch gradients from autograd, so any use is fine there."""
+    torch.manual_seed(0)  # fixed data, whatever ran before
     model, batch = LinearByHand(), (torch.randn(5, 4), classes())
     assert_fisher_close(erasus.ops.fisher_diagonal(model, [batch], loss_fn=ce, mode="batch_squared"),
                         loop_fisher(model, ce, [batch], mode="batch_squared"))
 
 
 def test_weights_shared_between_two_linear_layers_are_refused():
+    torch.manual_seed(0)  # fixed data, whatever ran before
     model = SharedByHand()
     batch = (torch.randn(5, 4), classes())
     with pytest.raises(errors.UnsupportedLayerError, match="share a parameter"):
@@ -142,6 +144,7 @@ def test_weights_shared_between_two_linear_layers_are_refused():
 
 
 def test_a_subclass_that_overrides_forward_is_refused():
+    torch.manual_seed(0)  # fixed data, whatever ran before
     model = nn.Sequential(ScaledEmbedding(10, 4), nn.Flatten(), nn.Linear(12, 3))
     batch = (torch.randint(0, 10, (5, 3)), classes())
     with pytest.raises(errors.UnsupportedLayerError, match="overrides its forward"):
@@ -225,6 +228,7 @@ class EditsItsWeight(nn.Module):
 
 
 def test_a_forward_that_edits_a_parameter_in_place_is_reported():
+    torch.manual_seed(0)  # fixed data, whatever ran before
     with pytest.raises(errors.UnsupportedLayerError, match=r"changed parameters \['layer.weight'\] in place"):
         erasus.ops.grad_norms(EditsItsWeight(), ce, (torch.randn(5, 4), classes()))
 
@@ -234,6 +238,7 @@ def test_a_forward_that_edits_a_parameter_in_place_is_reported():
     (lambda m, b: ce(m, b).long(), "floating-point losses"),
 ])
 def test_losses_that_cannot_be_differentiated_are_refused(loss_fn, match):
+    torch.manual_seed(0)  # fixed data, whatever ran before
     model = nn.Sequential(nn.Linear(4, 3))
     batch = (torch.randn(5, 4), classes())
     with pytest.raises(errors.InvalidInputError, match=match):

@@ -36,6 +36,7 @@ def test_registry_is_filled_by_the_classes():
 
 @pytest.mark.parametrize("name", FEATURE_SELECTORS)
 def test_each_selector_returns_k_distinct_indices_from_features(name):
+    torch.manual_seed(0)  # fixed data, whatever ran before
     x = torch.randn(50, 6)
     idx = get_selector(name).select(x, k=7)
     assert idx.dtype == torch.int64 and idx.shape == (7,) and idx.unique().numel() == 7
@@ -45,6 +46,7 @@ def test_each_selector_returns_k_distinct_indices_from_features(name):
 
 
 def test_feature_selectors_equal_their_ops():
+    torch.manual_seed(0)  # fixed data, whatever ran before
     x = torch.randn(60, 5)
     assert torch.equal(KCenterSelector().select(x, k=6), erasus.ops.kcenter_greedy(x, 6).indices)
     assert torch.equal(HerdingSelector().select(x, k=6), erasus.ops.herding(x, 6))
@@ -84,6 +86,7 @@ def test_extraction_leaves_the_model_as_it_was():
 
 
 def test_embed_function_and_dict_batches():
+    torch.manual_seed(0)  # fixed data, whatever ran before
     class DictData(Dataset):
         def __init__(self):
             self.x = torch.randn(30, 4)
@@ -109,6 +112,7 @@ def test_embed_function_and_dict_batches():
 
 
 def test_token_features_are_mean_pooled():
+    torch.manual_seed(0)  # fixed data, whatever ran before
     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3))
     ids = torch.randint(0, 10, (6, 5))
     torch.testing.assert_close(extract_features(ids, model=model), model[0](ids).mean(dim=1).detach())

@@ -44,15 +44,19 @@ def test_neurips_epsilon_peakiness_cap_and_separation():
 
 
 def test_neurips_forget_score_buckets_and_extremes():
-    rng = np.random.default_rng(1)
-    indistinguishable = forget_score(rng.normal(0, 1, (32, 40)), rng.normal(0, 1, (32, 40)))
-    distinguishable = forget_score(rng.normal(0, 1, (32, 40)), rng.normal(8, 1, (32, 40)))
-    assert distinguishable["F"] == 0.0
-    assert indistinguishable["F"] > 0.1
-    # H = 2^-(bucket): an epsilon in [0, 0.5) scores 1, [0.5, 1) 0.5, ...
-    eps = np.array(indistinguishable["epsilons"])
-    expected = np.where(eps < 2 * math.ceil(math.log(31)) * 0.5, 2.0 ** -np.floor(eps / 0.5), 0).mean()
-    assert indistinguishable["F"] == pytest.approx(expected)
+    # N = 10 models; each column is one forget example: unlearned signals 0..9, retrained ones shifted by
+    # 0, 1, 5 and 100. Worked out by hand (delta = 1e-5, positive = the retrained side, threshold t):
+    # - shift 0: the two samples are equal, FPR + FNR = 1 at every threshold, so epsilon = 0 (bucket 0, scores 1);
+    # - shift 1: best at t in (1, 2]: FPR = 8/10, FNR = 1/10, epsilon = ln((1 - delta - 0.8) / 0.1) = 0.6931
+    #   (bucket 1, scores 1/2);
+    # - shift 5: best at t in (5, 6]: FPR = 4/10, FNR = 1/10, epsilon = ln((1 - delta - 0.4) / 0.1) = 1.7917
+    #   (bucket 3, scores 1/8);
+    # - shift 100: both error rates reach 0: infinite, capped at 50, beyond the 2 ceil(ln 9) = 6 buckets: 0.
+    unlearned = np.tile(np.arange(10.0)[:, None], (1, 4))
+    retrained = unlearned + np.array([0.0, 1.0, 5.0, 100.0])
+    got = forget_score(unlearned, retrained)
+    assert got["epsilons"] == pytest.approx([0.0, 0.6930971793099037, 1.791742802422498, 50.0], abs=1e-9)
+    assert got["F"] == pytest.approx((1 + 0.5 + 0.125 + 0) / 4)
     assert final_score(0.5, 0.9, 1.0, 0.8, 1.0) == pytest.approx(0.36)
 
 

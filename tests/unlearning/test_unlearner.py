@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -42,7 +43,8 @@ def test_coreset_size_cost_and_remainder_are_reported():
 def test_report_folder_holds_json_markdown_plots_and_safetensors(tmp_path):
     model, data = small()
     forget, retain = (data.tensors[0][:10], data.tensors[1][:10]), DataLoader(Subset(data, range(10, 80)))
-    test = TensorDataset(torch.randn(30, 6), torch.randint(0, 3, (30,)))
+    gen = torch.Generator().manual_seed(1)
+    test = TensorDataset(torch.randn(30, 6, generator=gen), torch.randint(0, 3, (30,), generator=gen))
     out = tmp_path / "run"
     _, report = ErasusUnlearner(model, strategy="graddiff", selector="random", prune_ratio=0.5, copy=True,
                                 out_dir=out).fit(forget, retain, test=test, retrained=model)
@@ -88,7 +90,12 @@ def test_exploding_weights_are_caught_and_reported():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _, report = ErasusUnlearner(model, strategy="ga", selector=None, prune_ratio=1.0, epochs=50, batch_size=4,
                                 strategy_params={"lr": 10.0, "optimizer": "sgd"}, copy=True).fit(forget, retain)
-    assert report["guard"]["stopped"] is not None and report["guard"]["events"]
+    # lr = 10 gradient ascent: the weights' norm passes 100x its start within a few steps, before any NaN
+    stopped = report["guard"]["stopped"]
+    ratio = re.fullmatch(r"weights exploded \(norm [0-9.e+]+, (\d+)x the original\)", stopped or "")
+    assert ratio is not None and int(ratio.group(1)) > 100, stopped
+    (event,) = report["guard"]["events"]
+    assert event["reason"] == stopped and event["restored_to_step"] == event["step"] - 1  # snapshot_every = 1
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
