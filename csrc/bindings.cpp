@@ -10,8 +10,8 @@
 
 #include "coreset.h"
 #include "element.h"
-#include "fisher.h"
-#include "grad_norms.h"
+#include "squared_grad_sum.h"
+#include "per_sample_grad_norms.h"
 #include "parallel.h"
 
 namespace py = pybind11;

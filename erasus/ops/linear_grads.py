@@ -117,7 +117,7 @@ def _norms_cpp(a: torch.Tensor, g: torch.Tensor, path: str) -> SquaredGradNorms:
 
 
 def _norms_triton(a: torch.Tensor, g: torch.Tensor, path: str) -> SquaredGradNorms:
-    from erasus.kernels import grad_norms as kernel
+    from erasus.kernels import per_sample_grad_norms as kernel
 
     weight = kernel.weight_norms(a, g, path)
     return SquaredGradNorms(weight, g.sum(dim=1, dtype=torch.float32).square().sum(dim=1))
@@ -286,7 +286,7 @@ def _squares_cpp(a: torch.Tensor, g: torch.Tensor) -> SquaredGradSum:
 
 
 def _squares_triton(a: torch.Tensor, g: torch.Tensor) -> SquaredGradSum:
-    from erasus.kernels import fisher as kernel
+    from erasus.kernels import squared_grad_sum as kernel
 
     weight = torch.zeros(g.shape[2], a.shape[2], dtype=torch.float32, device=a.device)
     kernel.squared_grad_sum_(a, g, weight)

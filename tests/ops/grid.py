@@ -101,10 +101,10 @@ def need(blocks: dict[str, int], name: str, where: str) -> int:
 
 KCENTER_BLOCKS = triton_blocks("kcenter", "kcenter_greedy")
 HERDING_BLOCKS = triton_blocks("herding", "herding")
-NORMS_BLOCKS = triton_blocks("grad_norms", "weight_norms")
-FISHER_BLOCKS = triton_blocks("fisher", "squared_grad_sum_")
-NORMS_CPP = cpp_constants("grad_norms.cpp")
-FISHER_CPP = cpp_constants("fisher.cpp")
+NORMS_BLOCKS = triton_blocks("per_sample_grad_norms", "weight_norms")
+FISHER_BLOCKS = triton_blocks("squared_grad_sum", "squared_grad_sum_")
+NORMS_CPP = cpp_constants("per_sample_grad_norms.cpp")
+FISHER_CPP = cpp_constants("squared_grad_sum.cpp")
 OMP_ROWS = omp_rows_per_thread()
 # the smallest odd n that is split across threads; a multiple of nothing in particular (1031 for 256 rows)
 OMP_N = 4 * OMP_ROWS + 7
@@ -477,11 +477,11 @@ def _pair(shape: Shape, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _norms_shapes() -> tuple[Shape, ...]:
-    where = "kernels/grad_norms.py:weight_norms"
+    where = "kernels/per_sample_grad_norms.py:weight_norms"
     row = need(NORMS_BLOCKS, "BLOCK", where)  # outer: d and p in chunks of BLOCK
     bt, bk = need(NORMS_BLOCKS, "BLOCK_T", where), need(NORMS_BLOCKS, "BLOCK_K", where)
     bp, bd = need(NORMS_BLOCKS, "BLOCK_P", where), need(NORMS_BLOCKS, "BLOCK_D", where)
-    tp, td = need(NORMS_CPP, "kTileP", "csrc/grad_norms.cpp"), need(NORMS_CPP, "kTileD", "csrc/grad_norms.cpp")
+    tp, td = need(NORMS_CPP, "kTileP", "csrc/per_sample_grad_norms.cpp"), need(NORMS_CPP, "kTileD", "csrc/per_sample_grad_norms.cpp")
     t = 2 * bt + 1
     return (
         Shape("B1-T1-d1-p1", {"B": 1, "T": 1, "d": 1, "p": 1, "paths": ("auto", "outer", "ghost", "materialize")}),
@@ -515,10 +515,10 @@ def check_grad_norms(fn, shape: Shape, backend: str, dtype: torch.dtype, device:
 
 
 def _fisher_shapes() -> tuple[Shape, ...]:
-    where = "kernels/fisher.py:squared_grad_sum_"
+    where = "kernels/squared_grad_sum.py:squared_grad_sum_"
     bp, bd = need(FISHER_BLOCKS, "BLOCK_P", where), need(FISHER_BLOCKS, "BLOCK_D", where)
     bb, bt = need(FISHER_BLOCKS, "BLOCK_B", where), need(FISHER_BLOCKS, "BLOCK_T", where)
-    tp, td = need(FISHER_CPP, "kTileP", "csrc/fisher.cpp"), need(FISHER_CPP, "kTileD", "csrc/fisher.cpp")
+    tp, td = need(FISHER_CPP, "kTileP", "csrc/squared_grad_sum.cpp"), need(FISHER_CPP, "kTileD", "csrc/squared_grad_sum.cpp")
     return (
         Shape("B1-T1-d1-p1", {"B": 1, "T": 1, "d": 1, "p": 1}),
         Shape(f"B{2 * bb + 1}=2BLOCK_B+1-T1-d{2 * bd + 3}-p{2 * bp + 1}",

@@ -1,4 +1,4 @@
-#include "grad_norms.h"
+#include "per_sample_grad_norms.h"
 
 #include <algorithm>
 #include <vector>

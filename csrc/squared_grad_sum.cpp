@@ -1,4 +1,4 @@
-#include "fisher.h"
+#include "squared_grad_sum.h"
 
 #include <algorithm>
 #include <vector>
