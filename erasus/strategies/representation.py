@@ -6,7 +6,7 @@ from torch import nn
 
 from erasus.errors import InvalidInputError
 from erasus.strategies.base import GradientStrategy, _nonnegative, _positive
-from erasus.tasks import unwrap
+from erasus.tasks.base import decoder_blocks
 
 
 class RMU(GradientStrategy, name="rmu"):
@@ -119,13 +119,11 @@ class RMU(GradientStrategy, name="rmu"):
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
-    """The model's list of decoder blocks: the ModuleList whose length is the config's layer count."""
-    config = getattr(unwrap(model), "config", None)
-    count = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-    for _name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and (count is None or len(module) == count) and len(module):
-            return module
-    raise InvalidInputError("could not find the model's list of blocks; pass layer= as a module name")
+    """The model's list of decoder blocks."""
+    try:
+        return decoder_blocks(model)[1]
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{exc}; pass layer= as a module name") from None
 
 
 def _block(blocks: nn.ModuleList, i: int) -> nn.Module:

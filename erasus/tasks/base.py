@@ -126,6 +126,18 @@ def unwrap(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """``(name, blocks)``: the model's list of decoder blocks, the ModuleList whose length is the config's layer
+    count (``transformer.h`` in GPT-2, ``model.layers`` in Llama); an InvalidInputError names the model if none."""
+    config = getattr(unwrap(model), "config", None)
+    count = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and (count is None or len(module) == count) and len(module):
+            return name, module
+    raise InvalidInputError(f"could not find the list of decoder blocks of {type(unwrap(model)).__name__} (a "
+                            f"ModuleList of config.num_hidden_layers = {count} blocks)")
+
+
 def is_causal_lm(model: nn.Module) -> bool:
     base = unwrap(model)
     try:
