@@ -9,7 +9,8 @@ key/value head with its query heads -- and the output projection's input columns
 the up / gate projections and the matching column of the down projection).
 
     >>> from transformers import GPT2Config, GPT2LMHeadModel
-    >>> config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0)
+    >>> config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=16, bos_token_id=0,
+    ...                     eos_token_id=0)
     >>> model = GPT2LMHeadModel(config)
     >>> groups = transformer_groups(model)
     >>> groups.n_groups, groups.names[:2], groups.names[-1]
