@@ -9,6 +9,7 @@
 #include <string>
 
 #include "coreset.h"
+#include "dual_sensitivity.h"
 #include "element.h"
 #include "squared_grad_sum.h"
 #include "per_sample_grad_norms.h"
@@ -187,6 +188,64 @@ void squared_grad_sum(const py::array& a, const py::array& g, const std::string&
   });
 }
 
+// The forget / retain importances of one layer: 1-D arrays of `elem` of one length. Returns that length.
+int64_t check_importance_pair(const py::array& f, const py::array& r, Elem elem) {
+  check_floats(f, "imp_forget", 1, "(n,)", elem);
+  check_floats(r, "imp_retain", 1, "(n,)", elem);
+  if (f.shape(0) != r.shape(0)) throw ArrayShapeError("imp_forget and imp_retain must have the same length");
+  return f.shape(0);
+}
+
+void check_eps(double eps) {
+  if (!(eps > 0.0) || !std::isfinite(eps) || static_cast<double>(static_cast<float>(eps)) != eps ||
+      static_cast<float>(eps) == 0.f)
+    throw ArrayShapeError("eps must be a positive finite float32 value, got " + std::to_string(eps));
+}
+
+int64_t dual_score_histogram(const py::array& f, const py::array& r, const std::string& elem_name, double eps,
+                             int level, uint32_t prefix, py::array& hist) {
+  const Elem elem = parse_elem(elem_name);
+  const int64_t n = check_importance_pair(f, r, elem);
+  check_eps(eps);
+  if (level != 0 && level != 1) throw ArrayShapeError("level must be 0 (key >> 16) or 1 (key & 0xffff)");
+  if (level == 0 && prefix != 0) throw ArrayShapeError("level 0 takes no prefix");
+  if (level == 1 && prefix > 0x7fffu) throw ArrayShapeError("prefix must be a level-0 bin, below 32768");
+  check_vector<int64_t>(hist, "hist", level == 0 ? 32768 : 65536, true);
+  auto* hist_ptr = static_cast<int64_t*>(hist.mutable_data());
+  py::gil_scoped_release release;
+  return dispatch(elem, [&](auto* tag) {
+    return erasus::dual_score_histogram(data_as(f, tag), data_as(r, tag), n, static_cast<float>(eps), level,
+                                        prefix, hist_ptr);
+  });
+}
+
+py::tuple dual_mask(const py::array& f, const py::array& r, const std::string& elem_name, double eps, uint32_t lo,
+                    uint32_t hi, py::array& mask, py::array& cand_index, py::array& cand_key) {
+  const Elem elem = parse_elem(elem_name);
+  const int64_t n = check_importance_pair(f, r, elem);
+  check_eps(eps);
+  check_vector<uint8_t>(mask, "mask", n, true);
+  const int64_t cap = cand_index.ndim() == 1 ? cand_index.shape(0) : -1;
+  if (cap < 0) throw ArrayShapeError("cand_index must be 1-D");
+  check_vector<int64_t>(cand_index, "cand_index", cap, true);
+  check_vector<int32_t>(cand_key, "cand_key", cap, true);
+  auto* mask_ptr = static_cast<uint8_t*>(mask.mutable_data());
+  auto* index_ptr = static_cast<int64_t*>(cand_index.mutable_data());
+  auto* key_ptr = static_cast<int32_t*>(cand_key.mutable_data());
+  int64_t above = 0, n_cand = 0, n_bad = 0;
+  {
+    py::gil_scoped_release release;
+    above = dispatch(elem, [&](auto* tag) {
+      return erasus::dual_mask(data_as(f, tag), data_as(r, tag), n, static_cast<float>(eps), lo, hi, mask_ptr,
+                               index_ptr, key_ptr, cap, &n_cand, &n_bad);
+    });
+  }
+  if (above < 0)
+    throw ArrayShapeError("dual_mask found " + std::to_string(n_cand) + " candidates, more than cand_index holds (" +
+                          std::to_string(cap) + ")");
+  return py::make_tuple(above, n_cand, n_bad);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -206,6 +265,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("squared_grad_sum", &squared_grad_sum, py::arg("a").noconvert(), py::arg("g").noconvert(),
         py::arg("elem"), py::arg("weight_out").noconvert(), py::arg("bias_out").noconvert(),
         "Accumulate sum_i (G_i^T A_i)^2 and sum_i (sum_t g_it)^2 into the outputs.");
+  m.def("dual_score_histogram", &dual_score_histogram, py::arg("imp_forget").noconvert(),
+        py::arg("imp_retain").noconvert(), py::arg("elem"), py::arg("eps"), py::arg("level"), py::arg("prefix"),
+        py::arg("hist").noconvert(),
+        "Score S = f / (r + eps) and add its key bins to hist; returns the number of invalid elements.");
+  m.def("dual_mask", &dual_mask, py::arg("imp_forget").noconvert(), py::arg("imp_retain").noconvert(),
+        py::arg("elem"), py::arg("eps"), py::arg("lo"), py::arg("hi"), py::arg("mask").noconvert(),
+        py::arg("cand_index").noconvert(), py::arg("cand_key").noconvert(),
+        "mask = key(S) > hi; keys in [lo, hi] listed as candidates. Returns (count above hi, candidates, invalid elements).");
   m.def("max_threads", &erasus::max_threads, "OpenMP threads the kernels use.");
 #ifdef _OPENMP
   m.attr("openmp") = true;

@@ -147,6 +147,9 @@ class ErasusUnlearner:
                                       scenario)
         except BaseException as exc:
             if not self.copy:
+                remove_masks = getattr(self.strategy, "remove_masks", None)  # a pruning strategy's hooks
+                if callable(remove_masks):
+                    remove_masks()
                 undo.restore()
                 if hasattr(exc, "add_note"):
                     exc.add_note("erasus: the model was restored to its state before fit()")
@@ -219,6 +222,9 @@ class ErasusUnlearner:
                                         on_step=on_step, on_epoch=on_epoch, guard=guard, task=task)
         except TargetReached:
             log = {"steps": len(curves["step"]), "stopped": None}
+            pruning = getattr(self.strategy, "pruning_report", None)
+            if pruning is not None:  # the strategy's own log did not come back: keep its pruning rounds
+                log["pruning"] = pruning
         t_unlearn = time.perf_counter() - t0
         bar.close()
         model.train(undo.training)
@@ -276,8 +282,10 @@ class ErasusUnlearner:
             from erasus.tasks.lora import save_adapter, save_merged
 
             save_adapter(model, out / "adapter")
+            if hasattr(self.strategy, "save_masks"):  # a pruning strategy: its masks, and them applied when merged
+                self.strategy.save_masks(out / "masks.safetensors")
             if self.save_merged:
-                save_merged(model, out / "merged")
+                save_merged(model, out / "merged", finalize=getattr(self.strategy, "apply_masks_to_weights", None))
         else:
             import os
 

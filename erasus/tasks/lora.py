@@ -67,10 +67,13 @@ def save_adapter(peft_model: nn.Module, path) -> Path:
     return path
 
 
-def save_merged(peft_model: nn.Module, path) -> Path:
+def save_merged(peft_model: nn.Module, path, finalize=None) -> Path:
     """A plain transformers model with the adapter merged into its weights (``save_pretrained``, safetensors),
-    written from a copy: the peft model is left as it is."""
+    written from a copy: the peft model is left as it is. ``finalize(merged) -> merged`` (optional) edits the
+    merged copy before it is saved (a pruning strategy zeroes its pruned rows and columns there)."""
     path = Path(path)
     merged = copy.deepcopy(peft_model).merge_and_unload()
+    if finalize is not None:
+        merged = finalize(merged)
     merged.save_pretrained(str(path), safe_serialization=True)
     return path

@@ -16,6 +16,8 @@ SETTINGS = {name: by_arch for _, name, by_arch in LM_METHODS}
 # roles (their word-level tokenizer reads most template words as <unk>: GPT-2 reaches forget QA 0.50-0.54 only),
 # so ELM's four combinations are tested in tests/lm/test_elm.py, on models trained to know the roles.
 ROLE_DEPENDENT = {"elm"}
+# dual_prune (structured pruning of LoRA-mapped heads and channels) has its own tests: tests/lm/test_dual_prune.py
+OWN_TESTS = {"dual_prune"}
 # the band: the unlearned forget NLL lies between these multiples of the retrained model's (the original's is
 # about 0.02 of it); forget QA accuracy at most the retrained model's + 0.25
 FORGET_NLL_BAND = (0.4, 3.0)
@@ -36,7 +38,7 @@ def scenario(request, erasus_cache):
 def test_the_lm_strategies_are_covered():
     lm_strategies = {n for n, c in STRATEGIES.items() if c.tasks is None or "causal_lm" in c.tasks}
     lm_strategies -= {"finetune", "scrub", "salun", "ssd", "fisher"}  # classifier-tuned; they run, untuned here
-    lm_strategies -= ROLE_DEPENDENT
+    lm_strategies -= ROLE_DEPENDENT | OWN_TESTS
     assert lm_strategies <= set(SETTINGS), lm_strategies - set(SETTINGS)
 
 

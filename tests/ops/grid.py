@@ -611,6 +611,152 @@ def check_kmeans(fn, shape: Shape, backend: str, dtype: torch.dtype, device: tor
     assert sorted(got.cpu().tolist()) == sorted(centres)
 
 
+# --- lora_importance
+
+LORA_BLOCKS = triton_blocks("lora_importance", "lora_importance")
+LORA_SCALING = 0.75
+
+
+def lora_factors(out_f: int, in_f: int, rank: int, fan_in_fan_out: bool, seed: int):
+    """Gaussian (weight, lora_A, lora_B, grad_A, grad_B); the weight stored (in, out) when fan_in_fan_out."""
+    gen = generator(out_f, in_f, rank, int(fan_in_fan_out), seed)
+
+    def randn(*size):
+        return torch.randn(*size, generator=gen, dtype=torch.float64).float()
+
+    w = randn(in_f, out_f) if fan_in_fan_out else randn(out_f, in_f)
+    return w, randn(rank, in_f), randn(out_f, rank), randn(rank, in_f), randn(out_f, rank)
+
+
+def lora_importance_oracle(w, lora_a, lora_b, grad_a, grad_b, scaling: float, fan_in_fan_out: bool = False,
+                           groups=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRAPrune's importance by its definition in float64, dense: |(G_B A + B G_A - G_B G_A) * (W + s B A)|,
+    in the weight's stored layout, or summed per group (("out" | "in", n): n equal blocks of output channels
+    / input features). Returns (importance, bound): the bound is the same expression on absolute values of
+    every product, so any float32 rounding error is a small multiple of it."""
+    wd, a, b, ga, gb = (t.detach().double().cpu() for t in (w, lora_a, lora_b, grad_a, grad_b))
+    w_logical = wd.T if fan_in_fan_out else wd
+    g_hat = gb @ a + b @ ga - gb @ ga
+    importance = (g_hat * (w_logical + scaling * (b @ a))).abs()
+    bound = ((gb.abs() @ a.abs() + b.abs() @ ga.abs() + gb.abs() @ ga.abs())
+             * (w_logical.abs() + scaling * (b.abs() @ a.abs())))
+    if groups is None:
+        return (importance.T, bound.T) if fan_in_fan_out else (importance, bound)
+    along, n = groups
+    summed = 1 if along == "out" else 0
+    return tuple(t.sum(dim=summed).view(n, -1).sum(dim=1) for t in (importance, bound))
+
+
+def _lora_shapes() -> tuple[Shape, ...]:
+    where = "kernels/lora_importance.py:lora_importance"
+    br, bc, bk = (need(LORA_BLOCKS, name, where) for name in ("BLOCK_R", "BLOCK_C", "BLOCK_K"))
+    split = need(LORA_BLOCKS, "BLOCK_SPLIT", where)
+    across = 2 * split + 3  # the reduced dimension in 3 splits (the last ragged)
+    # variants: (fan_in_fan_out, groups); with fan_in_fan_out the stored weight is (in, out), so an 'out' group
+    # sums the stored columns: each reduction axis of the kernel is crossed in both layouts
+    return (
+        Shape("out1-in1-r1", {"out": 1, "in": 1, "r": 1,
+                              "variants": ((False, None), (False, ("out", 1)), (True, ("in", 1)))}),
+        Shape(f"out{2 * br + 1}=2BLOCK_R+1-in{2 * bc + 3}=2BLOCK_C+3-r{2 * bk + 1}=2BLOCK_K+1",
+              {"out": 2 * br + 1, "in": 2 * bc + 3, "r": 2 * bk + 1, "variants": ((False, None), (True, None))}),
+        Shape(f"out{br + 1}-in{across}=2BLOCK_SPLIT+3-r3",
+              {"out": br + 1, "in": across, "r": 3, "variants": ((False, ("out", 3)), (True, ("out", 11)))}),
+        Shape(f"out{across}=2BLOCK_SPLIT+3-in{bc + 1}-r5",
+              {"out": across, "in": bc + 1, "r": 5, "variants": ((False, ("in", 5)), (True, ("in", 13)))}),
+        Shape("out300-in700-r16-heads", {"out": 300, "in": 700, "r": 16,
+                                         "variants": ((False, None), (False, ("out", 12)), (True, ("in", 7)))},
+              interpreter=False),
+        Shape("out0-empty", {"out": 0, "in": 4, "r": 2, "variants": ()}),
+    )
+
+
+def check_lora_importance(fn, shape: Shape, backend: str, dtype: torch.dtype, device: torch.device) -> None:
+    out_f, in_f, rank = shape.dims["out"], shape.dims["in"], shape.dims["r"]
+    if out_f == 0:
+        w, a, b, ga, gb = (t.to(dtype).to(device) for t in lora_factors(out_f, in_f, rank, False, 61))
+        with pytest.raises(errors.EmptyInputError, match="weight is empty"):
+            fn(w, a, b, ga, gb, scaling=LORA_SCALING, backend=backend)
+        return
+    for fan_in_fan_out, groups in shape.dims["variants"]:
+        factors = [t.to(dtype) for t in lora_factors(out_f, in_f, rank, fan_in_fan_out, 61)]
+        want, bound = lora_importance_oracle(*factors, LORA_SCALING, fan_in_fan_out, groups)
+        got = fn(*(t.to(device) for t in factors), scaling=LORA_SCALING, fan_in_fan_out=fan_in_fan_out,
+                 groups=groups, backend=backend)
+        assert got.dtype == torch.float32 and got.device.type == device.type
+        assert_within(got, want, bound, f"fan_in_fan_out={fan_in_fan_out}, groups={groups}")
+
+
+# --- dual_sensitivity_mask
+
+DUAL_BLOCKS = triton_blocks("dual_sensitivity", "score_histogram")
+DUAL_CPP = cpp_constants("dual_sensitivity.cpp")
+
+
+def _dual_shapes() -> tuple[Shape, ...]:
+    block = need(DUAL_BLOCKS, "BLOCK", "kernels/dual_sensitivity.py:score_histogram")
+    tile = need(DUAL_CPP, "kTile", "csrc/dual_sensitivity.cpp")
+    return (
+        Shape("n1", {"sizes": [(1,)]}),
+        Shape(f"n{2 * block + 1}=2BLOCK+1-3-layers", {"sizes": [(2 * block + 1,), (0,), (3, 7)]}),
+        Shape(f"n{2 * tile + 3}=2kTile+3-2-layers", {"sizes": [(2 * tile + 3,), (5, 3)]}, interpreter=False),
+        Shape(f"n{OMP_N}-omp-2-layers", {"sizes": [(OMP_N,), (OMP_N, 3)]}, interpreter=False,
+              omp_threads=OMP_THREADS),
+        Shape("empty", {"sizes": [(0,), (0, 3)]}),
+    )
+
+
+def dual_sensitivity_oracle(forget: list, retain: list, eps: float, ratio=None, threshold=None):
+    """S = f / (r + eps) rounded once to float32 from float64 (exact for one float32 operation), then a full
+    sort by (-S, position through the layers). Returns (masks, threshold, pruned)."""
+    import math
+
+    import numpy as np
+
+    eps32 = float(np.float32(eps))
+    scores = [(f.double().cpu().reshape(-1) / (r.double().cpu().reshape(-1) + eps32).float().double()).float()
+              for f, r in zip(forget, retain)]
+    flat = torch.cat(scores).double() if scores else torch.zeros(0, dtype=torch.float64)
+    if ratio is not None:
+        k = round(ratio * 10**9) * flat.numel() // 10**9
+        ranked = sorted(range(flat.numel()), key=lambda i: (-float(flat[i]), i))[:k]
+        chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+        chosen[ranked] = True
+        value = float(flat[ranked[-1]]) if ranked else math.inf
+    else:
+        chosen, value = flat > threshold, threshold
+    masks, start = [], 0
+    for f in forget:
+        masks.append(chosen[start:start + f.numel()].reshape(f.shape))
+        start += f.numel()
+    return masks, value, int(chosen.sum())
+
+
+def check_dual_sensitivity(fn, shape: Shape, backend: str, dtype: torch.dtype, device: torch.device) -> None:
+    sizes = shape.dims["sizes"]
+    for kind in ("lattice", "uniform"):
+        gen = generator(len(sizes), sum(math_prod(s) for s in sizes), 61 if kind == "lattice" else 62)
+        if kind == "lattice":  # small integers: exact in every dtype, and many equal scores across threads/blocks
+            forget = [torch.randint(0, 4, s, generator=gen).to(dtype) for s in sizes]
+            retain = [torch.randint(0, 3, s, generator=gen).to(dtype) for s in sizes]
+        else:
+            forget = [torch.rand(s, generator=gen, dtype=torch.float64).to(dtype) for s in sizes]
+            retain = [torch.rand(s, generator=gen, dtype=torch.float64).to(dtype) for s in sizes]
+        for mode in ({"ratio": 0.1}, {"ratio": 0.5}, {"threshold": 1.0}):
+            got = fn([t.to(device) for t in forget], [t.to(device) for t in retain], eps=0.5, backend=backend,
+                     **mode)
+            masks, value, pruned = dual_sensitivity_oracle(forget, retain, 0.5, **mode)
+            assert (got.threshold, got.pruned) == (value, pruned), (kind, mode, got.threshold, got.pruned)
+            for layer, (g, w) in enumerate(zip(got.masks, masks)):
+                assert g.dtype == torch.bool and torch.equal(g.cpu(), w), (kind, mode, layer)
+
+
+def math_prod(shape) -> int:
+    n = 1
+    for size in shape:
+        n *= size
+    return n
+
+
 # ---------------------------------------------------------------------------------------------------------
 
 GRID: dict[str, OpGrid] = {
@@ -620,6 +766,8 @@ GRID: dict[str, OpGrid] = {
     "per_sample_grad_norms": OpGrid(_norms_shapes(), check_grad_norms),
     "squared_grad_sum": OpGrid(_fisher_shapes(), check_squared_grad_sum),
     "kmeans_coreset": OpGrid(_kmeans_shapes(), check_kmeans),
+    "dual_sensitivity_mask": OpGrid(_dual_shapes(), check_dual_sensitivity),
+    "lora_importance": OpGrid(_lora_shapes(), check_lora_importance),
 }
 
 # Cases that find a real kernel bug: {case id: reason}; marked xfail(strict=True) until the kernel is fixed.

@@ -145,7 +145,7 @@ def test_transformers_types_are_registered_lazily_not_by_importing_erasus_ops():
 
 def test_every_op_declares_its_backends_in_one_table():
     assert set(_backend.OPS) == {"kcenter_greedy", "herding", "kmeans_coreset", "per_sample_grad_norms",
-                                 "squared_grad_sum"}
+                                 "squared_grad_sum", "dual_sensitivity_mask", "lora_importance"}
     for table in _backend.OPS.values():
         assert table.backends[0] == "reference" and callable(table.implementations["reference"])
     with pytest.raises(errors.InvalidInputError, match="needs a 'reference' implementation"):

@@ -1,0 +1,27 @@
+// Dual-sensitivity scores S = f / (r + eps) and a radix select over their float bits, on raw arrays.
+// Nothing here knows about Python or torch; the selection logic (which bin, which candidates) is the caller's.
+#pragma once
+#include <cstdint>
+
+namespace erasus {
+
+// The key of a score: its float32 bits with the sign cleared (S >= 0, and -0 counts as 0), so keys order like
+// the scores. Every backend computes S in float32 as widen(f) / (widen(r) + eps) with IEEE division.
+
+// Histogram pass, fused with the scoring. level 0: hist[key >> 16] += 1 for every element (32768 bins).
+// level 1: hist[key & 0xffff] += 1 for the elements whose key >> 16 == prefix (65536 bins).
+// hist is accumulated into (+=), so the layers of a model share one histogram. Returns the number of
+// invalid elements (f or r negative, NaN or infinite); they are not counted in hist.
+template <typename T>
+int64_t dual_score_histogram(const T* f, const T* r, int64_t n, float eps, int level, uint32_t prefix, int64_t* hist);
+
+// Mask pass: mask[i] = key_i > hi. The elements with lo <= key_i <= hi are candidates: their indices and keys
+// are written to cand_index / cand_key in index order (at most cand_cap; more is an error, reported by
+// returning -1 and writing nothing to the candidates). n_cand receives their number, n_bad the number of
+// invalid elements (as in dual_score_histogram; their mask entries are meaningless).
+// Returns the number of elements with key > hi.
+template <typename T>
+int64_t dual_mask(const T* f, const T* r, int64_t n, float eps, uint32_t lo, uint32_t hi, uint8_t* mask,
+                  int64_t* cand_index, int32_t* cand_key, int64_t cand_cap, int64_t* n_cand, int64_t* n_bad);
+
+}  // namespace erasus

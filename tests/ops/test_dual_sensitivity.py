@@ -1,0 +1,272 @@
+"""dual_sensitivity_mask: every backend against a sort-based float64 oracle (odd sizes, several layers, groups,
+ties at the threshold, every dtype, empty layers, n = 1), the radix select's rare paths (a bin too full to
+list, more equal scores than can be listed), and the refusals."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import erasus.ops
+from erasus import errors
+from erasus.ops import dual_sensitivity as ds
+from erasus.ops.dual_sensitivity import BACKENDS
+from oracles import backends_for
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+EPS = 1e-3
+
+
+def interpreted(backend):
+    return backend == "triton" and erasus.ops._backend.interpreted()
+
+
+def dtypes_for(backend):
+    return DTYPES[:2] if interpreted(backend) else DTYPES  # the Triton interpreter has no bfloat16
+
+
+def device_for(backend):
+    return torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
+
+
+def oracle(forget, retain, eps, ratio=None, threshold=None, groups=None):
+    """From the definition, in float64: S = f / (r + eps) rounded once to float32 (double rounding of a float32
+    sum or quotient through float64 is exact), then a full sort by (-S, position). Returns (masks as lists of
+    bools, threshold, pruned)."""
+    eps32 = float(np.float32(eps))
+    units = []  # (score, position, layer, unit)
+    per_layer = []
+    for layer, (f, r) in enumerate(zip(forget, retain)):
+        fd, rd = f.double().cpu().reshape(-1), r.double().cpu().reshape(-1)
+        gmap = None if groups is None or groups[layer] is None else groups[layer].cpu().reshape(-1)
+        if gmap is not None:
+            n_groups = int(gmap.max()) + 1 if gmap.numel() else 0
+            fd = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, gmap, fd).float().double()
+            rd = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, gmap, rd).float().double()
+        denom = (rd + eps32).float().double()
+        scores = (fd / denom).float().double().tolist()
+        per_layer.append((len(scores), gmap, f.shape))
+        units.extend((s, len(units), layer, j) for j, s in enumerate(scores))
+    chosen = set()
+    if ratio is not None:
+        k = round(ratio * 10**9) * len(units) // 10**9  # ratio as a decimal, in integers
+        ranked = sorted(units, key=lambda u: (-u[0], u[1]))[:k]
+        chosen = {(u[2], u[3]) for u in ranked}
+        value = ranked[-1][0] if ranked else math.inf
+    else:
+        chosen = {(u[2], u[3]) for u in units if u[0] > threshold}
+        value = threshold
+    masks = []
+    for layer, (n_units, gmap, shape) in enumerate(per_layer):
+        unit_mask = torch.tensor([(layer, j) in chosen for j in range(n_units)], dtype=torch.bool)
+        masks.append((unit_mask[gmap] if gmap is not None else unit_mask).reshape(shape))
+    return masks, value, len(chosen)
+
+
+def layers(sizes, dtype, seed, tie_value=None):
+    """Random importances of the given shapes; with tie_value, a third of the forget entries equal it and the
+    matching retain entries equal 1, so many units share one score (exact in every dtype)."""
+    g = torch.Generator().manual_seed(seed)
+    forget, retain = [], []
+    for shape in sizes:
+        f = torch.rand(shape, generator=g, dtype=torch.float64) * 4
+        r = torch.rand(shape, generator=g, dtype=torch.float64) ** 2
+        if tie_value is not None and f.numel():
+            flat_f, flat_r = f.view(-1), r.view(-1)
+            flat_f[::3], flat_r[::3] = tie_value, 1.0
+        forget.append(f.to(dtype))
+        retain.append(r.to(dtype))
+    return forget, retain
+
+
+def run(backend, forget, retain, **kw):
+    device = device_for(backend)
+    forget = [t.to(device) for t in forget]
+    retain = [t.to(device) for t in retain]
+    if kw.get("groups") is not None:
+        kw["groups"] = [None if gm is None else gm.to(device) for gm in kw["groups"]]
+    return erasus.ops.dual_sensitivity_mask(forget, retain, eps=EPS, backend=backend, **kw)
+
+
+def assert_matches(got, want):
+    masks, value, pruned = want
+    assert got.pruned == pruned
+    assert got.threshold == value
+    assert len(got.masks) == len(masks)
+    for layer, (g, w) in enumerate(zip(got.masks, masks)):
+        assert g.dtype == torch.bool and g.shape == w.shape, layer
+        assert torch.equal(g.cpu(), w), f"layer {layer}: {g.cpu().reshape(-1).tolist()} != {w.reshape(-1).tolist()}"
+
+
+def sizes_for(backend):
+    if interpreted(backend):
+        return [(1,), (0,), (5, 3), (37,)]
+    # odd sizes across OpenMP splits and vector tails; an empty layer in the middle
+    return [(1,), (257, 3), (0, 4), (1031,), (3, 5, 7)]
+
+
+@pytest.mark.parametrize("backend", backends_for(BACKENDS))
+def test_every_backend_equals_the_sort_oracle(backend):
+    for dtype in dtypes_for(backend):
+        for tie in (None, 1.5):
+            forget, retain = layers(sizes_for(backend), dtype, seed=3, tie_value=tie)
+            for ratio in (0.001, 0.2, 0.5, 0.97):
+                assert_matches(run(backend, forget, retain, ratio=ratio), oracle(forget, retain, EPS, ratio=ratio))
+            for threshold in (0.0, 1.5 / (1 + float(np.float32(EPS))), 3.0):
+                assert_matches(run(backend, forget, retain, threshold=threshold),
+                               oracle(forget, retain, EPS, threshold=threshold))
+
+
+@pytest.mark.parametrize("backend", backends_for(BACKENDS))
+def test_ties_at_the_threshold_go_lowest_position_first_across_layers(backend):
+    # every score equal: exactly k pruned, the first k positions through the layers in order
+    forget = [torch.ones(3), torch.ones(0), torch.ones(2, 2)]
+    retain = [torch.zeros(3), torch.zeros(0), torch.zeros(2, 2)]
+    got = run(backend, forget, retain, ratio=0.6)  # k = floor(0.6 * 7) = 4
+    assert got.pruned == 4 and got.threshold == float(np.float32(1 / np.float32(EPS)))
+    assert got.masks[0].tolist() == [True, True, True] and got.masks[2].tolist() == [[True, False], [False, False]]
+    assert_matches(got, oracle(forget, retain, EPS, ratio=0.6))
+
+
+@pytest.mark.parametrize("backend", backends_for(BACKENDS))
+def test_groups_rank_group_sums_and_broadcast_the_mask(backend):
+    g = torch.Generator().manual_seed(5)
+    forget = [torch.rand(6, 4, generator=g), torch.rand(5, generator=g), torch.rand(3, 3, generator=g)]
+    retain = [torch.rand(6, 4, generator=g), torch.rand(5, generator=g), torch.rand(3, 3, generator=g)]
+    heads = torch.arange(4).div(2, rounding_mode="floor").expand(6, 4).contiguous()  # column groups ("heads")
+    rows = torch.arange(3).repeat_interleave(3).reshape(3, 3)  # row groups ("channels")
+    groups = [heads, None, rows]  # the middle layer per element
+    for ratio in (0.1, 0.4, 0.8):
+        got = run(backend, forget, retain, ratio=ratio, groups=groups)
+        assert_matches(got, oracle(forget, retain, EPS, ratio=ratio, groups=groups))
+    got = run(backend, forget, retain, threshold=1.0, groups=groups)
+    assert_matches(got, oracle(forget, retain, EPS, threshold=1.0, groups=groups))
+
+
+@pytest.mark.parametrize("backend", backends_for(BACKENDS))
+def test_single_element_and_all_empty(backend):
+    one = run(backend, [torch.tensor([2.0])], [torch.tensor([0.0])], ratio=0.5)  # k = floor(0.5) = 0
+    assert one.pruned == 0 and one.threshold == math.inf and one.masks[0].tolist() == [False]
+    one = run(backend, [torch.tensor([2.0])], [torch.tensor([0.0])], threshold=0.5)
+    assert one.pruned == 1 and one.masks[0].tolist() == [True]
+    empty = run(backend, [torch.zeros(0, 3)], [torch.zeros(0, 3)], ratio=0.5)
+    assert empty.pruned == 0 and empty.masks[0].shape == (0, 3)
+
+
+@pytest.mark.parametrize("backend", [b for b in backends_for(BACKENDS) if b != "reference"])
+def test_radix_select_rare_paths(backend, monkeypatch):
+    """A bin too full to list (second histogram over its low 16 bits) and more equal scores than can be listed
+    (masked S > t, then the first ties in chunks): forced with tiny limits, the same answer as the oracle, and
+    each path is shown to run."""
+    sizes = [(9,), (0,), (13, 3)] if interpreted(backend) else [(300,), (0,), (257, 5)]
+    forget, retain = layers(sizes, torch.float32, seed=11, tie_value=8.0)
+    scores = torch.cat([(f / (r + EPS)).reshape(-1) for f, r in zip(forget, retain)])
+    above_ties = float((scores > 8.0 / (1 + EPS) * (1 + 1e-6)).double().mean())
+    ran = {"level1": 0, "ties": 0}
+    kernels = ds._CppKernels if backend == "cpp" else ds._TritonKernels
+    histogram, mark_ties = kernels.histogram, ds._mark_first_ties
+
+    def counting_histogram(f, r, eps, level, prefix, hist):
+        ran["level1"] += level == 1
+        return histogram(f, r, eps, level, prefix, hist)
+
+    def counting_ties(*args):
+        ran["ties"] += 1
+        return mark_ties(*args)
+
+    monkeypatch.setattr(kernels, "histogram", staticmethod(counting_histogram))
+    monkeypatch.setattr(ds, "_mark_first_ties", counting_ties)
+    monkeypatch.setattr(ds, "TIE_CHUNK", 7)
+    for cap in (64, 2):
+        monkeypatch.setattr(ds, "MAX_CANDIDATES", cap)
+        for ratio in (0.05, round(above_ties + 0.1, 3), round(above_ties + 0.3, 3)):
+            assert_matches(run(backend, forget, retain, ratio=ratio), oracle(forget, retain, EPS, ratio=ratio))
+    assert ran["level1"] and ran["ties"], ran
+
+
+def test_structures_and_out_are_kept():
+    f = {"a.weight": torch.tensor([[3.0, 0.0]]), "b.weight": torch.tensor([1.0])}
+    r = {"a.weight": torch.tensor([[0.0, 0.0]]), "b.weight": torch.tensor([0.0])}
+    out = {"a.weight": torch.ones(1, 2, dtype=torch.bool), "b.weight": torch.ones(1, dtype=torch.bool)}
+    got = erasus.ops.dual_sensitivity_mask(f, r, eps=1.0, ratio=0.34, out=out, backend="cpp")
+    assert list(got.masks) == ["a.weight", "b.weight"] and got.masks["a.weight"] is out["a.weight"]
+    assert out["a.weight"].tolist() == [[True, False]] and out["b.weight"].tolist() == [False]
+    single = erasus.ops.dual_sensitivity_mask(torch.tensor([1.0, 5.0]), torch.tensor([1.0, 1.0]), eps=1.0,
+                                              threshold=1.0)
+    assert isinstance(single, erasus.ops.DualMask) and single.masks.tolist() == [False, True]
+
+
+def test_ratio_counts_units_by_its_decimal_value():
+    f, r = torch.arange(100.0), torch.zeros(100)
+    got = erasus.ops.dual_sensitivity_mask(f, r, eps=1.0, ratio=0.29, backend="cpp")  # 0.29 * 100 < 29 in binary
+    assert got.pruned == 29 and got.masks[71:].all() and not got.masks[:71].any()
+
+
+@pytest.mark.parametrize("backend", backends_for(BACKENDS))
+def test_invalid_importances_are_named(backend):
+    for bad, error, what in ((float("nan"), errors.NonFiniteError, "NaN"),
+                             (float("inf"), errors.NonFiniteError, "NaN or infinite"),
+                             (-1.0, errors.InvalidInputError, "negative")):
+        f = [torch.ones(4), torch.ones(3)]
+        r = [torch.ones(4), torch.ones(3)]
+        r[1][2] = bad
+        for kw in ({"ratio": 0.5}, {"threshold": 0.5}, {"ratio": 0.5, "groups": [None, torch.tensor([0, 0, 1])]}):
+            with pytest.raises(error, match=rf"imp_retain\[1\].*{what}"):
+                run(backend, f, r, **kw)
+
+
+def test_bad_arguments_are_refused_by_name():
+    f, r = [torch.ones(3)], [torch.ones(3)]
+    call = erasus.ops.dual_sensitivity_mask
+    with pytest.raises(errors.ShapeError, match=r"imp_forget\[0\] has shape \(3,\) but imp_retain\[0\]"):
+        call(f, [torch.ones(4)], eps=1.0, ratio=0.5)
+    with pytest.raises(errors.ShapeError, match="same structure"):
+        call(f, r + r, eps=1.0, ratio=0.5)
+    with pytest.raises(errors.DTypeError, match=r"imp_forget\[0\] must be float32"):
+        call([torch.ones(3, dtype=torch.int32)], r, eps=1.0, ratio=0.5)
+    with pytest.raises(errors.DTypeError, match="give one dtype"):
+        call([torch.ones(3, dtype=torch.float16)], r, eps=1.0, ratio=0.5)
+    for eps in (0.0, -1.0, float("nan"), 1e-50):
+        with pytest.raises(errors.InvalidInputError, match="eps"):
+            call(f, r, eps=eps, ratio=0.5)
+    for ratio in (0.0, 1.0, -0.1, 1.5, True):
+        with pytest.raises(errors.InvalidInputError, match="ratio must be"):
+            call(f, r, eps=1.0, ratio=ratio)
+    with pytest.raises(errors.InvalidInputError, match="exactly one of ratio and threshold"):
+        call(f, r, eps=1.0)
+    with pytest.raises(errors.InvalidInputError, match="exactly one of ratio and threshold"):
+        call(f, r, eps=1.0, ratio=0.5, threshold=1.0)
+    for threshold in (-1.0, float("inf")):
+        with pytest.raises(errors.InvalidInputError, match="threshold must be"):
+            call(f, r, eps=1.0, threshold=threshold)
+    with pytest.raises(errors.InvalidInputError, match=r"groups\[0\] does not tile the layer.*group 1"):
+        call(f, r, eps=1.0, ratio=0.5, groups=[torch.tensor([0, 2, 2])])
+    with pytest.raises(errors.InvalidInputError, match=r"groups\[0\] holds negative"):
+        call(f, r, eps=1.0, ratio=0.5, groups=[torch.tensor([0, -1, 1])])
+    with pytest.raises(errors.ShapeError, match=r"groups\[0\] has shape \(2,\)"):
+        call(f, r, eps=1.0, ratio=0.5, groups=[torch.tensor([0, 1])])
+    with pytest.raises(errors.DTypeError, match=r"groups\[0\] must be int64"):
+        call(f, r, eps=1.0, ratio=0.5, groups=[torch.tensor([0, 1, 1], dtype=torch.int32)])
+    with pytest.raises(errors.DTypeError, match=r"out\[0\] must be a bool tensor"):
+        call(f, r, eps=1.0, ratio=0.5, out=[torch.zeros(3)])
+    with pytest.raises(errors.InvalidInputError, match="imp_forget must be a tensor"):
+        call("weights", r, eps=1.0, ratio=0.5)
+
+
+def test_cpp_binding_checks_its_arrays():
+    from erasus.ops import _cpp
+
+    f = torch.ones(5)
+    hist = torch.zeros(100, dtype=torch.int64)
+    with pytest.raises(errors.ShapeError, match="hist must be 1-D of length 32768"):
+        _cpp.call("dual_score_histogram", f.numpy(), f.numpy(), "float32", 1.0, 0, 0, hist.numpy())
+    with pytest.raises(errors.ShapeError, match="same length"):
+        _cpp.call("dual_score_histogram", f.numpy(), torch.ones(4).numpy(), "float32", 1.0, 0, 0,
+                  torch.zeros(32768, dtype=torch.int64).numpy())
+    with pytest.raises(errors.DTypeError):
+        _cpp.call("dual_score_histogram", f.double().numpy(), f.numpy(), "float32", 1.0, 0, 0,
+                  torch.zeros(32768, dtype=torch.int64).numpy())
+    small = torch.empty(1, dtype=torch.int64), torch.empty(1, dtype=torch.int32)
+    with pytest.raises(errors.ShapeError, match="more than cand_index holds"):  # every key is a candidate
+        _cpp.call("dual_mask", f.numpy(), f.numpy(), "float32", 1.0, 0, 0x7F7FFFFF,
+                  torch.empty(5, dtype=torch.uint8).numpy(), small[0].numpy(), small[1].numpy())
