@@ -9,6 +9,7 @@ the reference first, then time all of them interleaved (ABAB...) and report medi
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import os
 import platform
@@ -110,6 +111,28 @@ def versions() -> str:
         except ImportError:
             continue
     return ", ".join(parts)
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise LookupError(field)
+
+
+def rss_growth_mib(fn) -> tuple[float, object]:
+    """``(MiB, result)``: how far one call of ``fn`` raises this process's peak resident set above the resident set
+    before it (Linux: the high-water mark VmHWM is reset to the current RSS first, and freed heap pages are given
+    back, so earlier peaks -- building the inputs -- are not counted). NaN where /proc cannot do this."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:  # a kernel control file, not an output
+            f.write("5")
+        before = _status_kib("VmRSS")
+    except (OSError, LookupError):
+        return float("nan"), fn()
+    result = fn()
+    return (_status_kib("VmHWM") - before) / 1024, result
 
 
 def add_record_flag(parser: argparse.ArgumentParser) -> None:

@@ -14,11 +14,8 @@ before the call; on CUDA torch.cuda.max_memory_allocated minus the memory alloca
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
-import re
 import sys
-from pathlib import Path
 
 # bench/selectors.py shadows the standard library's `selectors` (which torch imports): bench/ goes to the back
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -41,10 +38,6 @@ def materialised(w, a, b, ga, gb, scaling: float, grouped: bool) -> torch.Tensor
     return importance.sum(dim=1) if grouped else importance
 
 
-def _rss_kib(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
 def peak_extra_mb(fn, device: torch.device) -> float:
     """Memory one call of ``fn`` adds at its peak, in MB (see the module docstring); NaN where unmeasurable."""
     if device.type == "cuda":
@@ -56,16 +49,9 @@ def peak_extra_mb(fn, device: torch.device) -> float:
         extra = torch.cuda.max_memory_allocated(device) - before
         del result
         return extra / 1e6
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap pages back so they are not counted as held
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
-    except OSError:
-        return float("nan")
-    before = _rss_kib("VmRSS")
-    result = fn()
-    extra = _rss_kib("VmHWM") - before
+    mib, result = harness.rss_growth_mib(fn)
     del result
-    return extra * 1024 / 1e6
+    return mib * 1024 * 1024 / 1e6
 
 
 def factors(out_f: int, in_f: int, rank: int, device: torch.device):

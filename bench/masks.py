@@ -25,7 +25,6 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE] 
 
 import argparse  # noqa: E402
 import subprocess  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -87,19 +86,8 @@ def implementations(forget, retain, ratio: float) -> dict:
 def child_peak(name: str, n: int, ratio: float) -> None:
     forget, retain = inputs(n)
     impl = implementations(forget, retain, ratio)[name]
-    # ru_maxrss already holds the peak of building the inputs: reset the kernel's high-water mark (VmHWM) to the
-    # current RSS instead, so the growth measured is the call's own
-    Path("/proc/self/clear_refs").write_text("5")
-    before = _status_kib("VmRSS")
-    impl()
-    print((_status_kib("VmHWM") - before) / 1024)  # KiB -> MiB
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise LookupError(field)
+    # the growth of the peak above the resident set after building the inputs: the call's own memory
+    print(harness.rss_growth_mib(impl)[0])
 
 
 def peak_mb(name: str, n: int, ratio: float) -> float:
@@ -108,14 +96,18 @@ def peak_mb(name: str, n: int, ratio: float) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=50_000_000)
     parser.add_argument("--ratio", type=float, default=0.01)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     harness.add_record_flag(parser)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     threads = harness.pin_threads()
     if args.child:
         child_peak(args.child, args.n, args.ratio)
