@@ -113,15 +113,21 @@ int64_t dual_mask(const T* f, const T* r, int64_t n, float eps, uint32_t lo, uin
     for (int64_t i = begin; i < end; i += kTile) {
       const int64_t len = end - i < kTile ? end - i : kTile;
       bad += score_keys(f + i, r + i, len, eps, keys);
-      int64_t listed = 0;
-#pragma omp simd reduction(+ : above, listed)
+      // 32-bit lanes throughout (a bool or a byte store in the same loop keeps it from vectorising); the bytes
+      // are packed in a second loop over the tile, from a buffer that cannot alias the mask
+      alignas(64) uint32_t over[kTile];
+      uint32_t above_tile = 0, listed = 0;
+#pragma omp simd reduction(+ : above_tile, listed)
       for (int64_t j = 0; j < len; ++j) {
         const uint32_t key = keys[j];
-        const bool over = key > hi;
-        mask[i + j] = over;
-        above += over;
-        listed += int(key >= lo) & int(key <= hi);
+        over[j] = uint32_t(key > hi);
+        above_tile += over[j];
+        listed += uint32_t(key >= lo) & uint32_t(key <= hi);
       }
+      uint8_t* __restrict__ out = mask + i;
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) out[j] = static_cast<uint8_t>(over[j]);
+      above += above_tile;
       if (listed) {  // rare: the keys of one histogram bin, kept in index order
         for (int64_t j = 0; j < len; ++j)
           if (keys[j] >= lo && keys[j] <= hi) {
