@@ -160,7 +160,7 @@ def test_conv1d_fisher_and_norms_match_the_loop():
     assert_matches_the_loop(model, ce_of_flat_output, classification_batch((5, 3, 11), seed=3))
 
 
-# --- refusals ----------------------------------------------------------------------------------------------
+# --- convolutions and normalisations in every setting, and the refusals ---------------------------------
 
 def model_around(make_layer, shape):
     """layer -> flatten -> linear head, with the layer under a distinctive name."""
@@ -171,21 +171,30 @@ def model_around(make_layer, shape):
     return nn.Sequential(OrderedDict(encoder_block=layer, flat=nn.Flatten(), head=nn.Linear(flat, 3))).eval()
 
 
-@pytest.mark.parametrize("make_layer, shape, setting", [
-    pytest.param(lambda: nn.Conv2d(4, 4, 3, groups=2), (3, 4, 6, 6), r"Conv2d with groups=2", id="conv2d-groups"),
-    pytest.param(lambda: nn.Conv1d(4, 4, 3, groups=4), (3, 4, 7), r"Conv1d with groups=4", id="conv1d-depthwise"),
-    pytest.param(lambda: nn.Conv2d(4, 2, 3, padding="same"), (3, 4, 6, 6), r"Conv2d with padding='same'",
-                 id="conv2d-same"),
-    pytest.param(lambda: nn.Conv1d(4, 2, 3, padding=1, padding_mode="circular"), (3, 4, 7),
-                 r"padding_mode='circular'", id="conv1d-circular"),
+@pytest.mark.parametrize("make_layer, shape", [
+    pytest.param(lambda: nn.Conv2d(4, 4, 3, groups=2), (3, 4, 6, 6), id="conv2d-groups"),
+    pytest.param(lambda: nn.Conv1d(4, 4, 3, groups=4), (3, 4, 7), id="conv1d-depthwise"),
+    pytest.param(lambda: nn.Conv2d(4, 4, 3, groups=2, dilation=2, padding=2), (3, 4, 7, 7), id="conv2d-grouped-dilated"),
+    pytest.param(lambda: nn.Conv2d(4, 2, 3, padding="same"), (3, 4, 6, 6), id="conv2d-same"),
+    pytest.param(lambda: nn.Conv1d(4, 2, 3, padding=1, padding_mode="circular"), (3, 4, 7), id="conv1d-circular"),
+    pytest.param(lambda: nn.Conv3d(2, 3, 2), (3, 2, 3, 3, 3), id="conv3d"),
+    pytest.param(lambda: nn.ConvTranspose2d(2, 3, 2, stride=2), (3, 2, 3, 3), id="convtranspose2d"),
+    pytest.param(lambda: nn.ConvTranspose1d(2, 3, 3), (3, 2, 5), id="convtranspose1d"),
+    pytest.param(lambda: nn.GroupNorm(2, 4), (3, 4, 3, 3), id="groupnorm"),
+    pytest.param(lambda: nn.InstanceNorm2d(4, affine=True), (3, 4, 3, 3), id="instancenorm2d-affine"),
 ])
-def test_convolutions_without_an_exact_rule_are_refused_by_name(make_layer, shape, setting):
-    model, batch = model_around(make_layer, shape), classification_batch(shape)
-    named = rf"encoder_block\b.*{setting}"  # which layer, and what about it
-    with pytest.raises(errors.ErasusError, match=named):
-        erasus.ops.grad_norms(model, ce_of_flat_output, batch, backend=BACKEND)
-    with pytest.raises(errors.ErasusError, match=named):
-        erasus.ops.fisher_diagonal(model, [batch], loss_fn=ce_of_flat_output, backend=BACKEND)
+def test_every_convolution_and_normalisation_setting_is_exact(make_layer, shape):
+    """Closed forms where they exist (groups 1, zero padding; GroupNorm's affine gradients), exact per-sample
+    torch.func gradients of the layer's own parameters for the rest: norms and Fisher equal the loop."""
+    model, batch = randomise_(model_around(make_layer, shape), seed=6), classification_batch(shape, seed=6)
+    assert_matches_the_loop(model, ce_of_flat_output, batch)
+
+
+def test_embedding_bag_is_exact():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.EmbeddingBag(11, 4, mode="mean"), nn.Tanh(), nn.Linear(4, 3))
+    ids, labels = torch.randint(0, 11, (5, 3)), torch.randint(0, 3, (5,))
+    assert_matches_the_loop(model, ce_of_flat_output, (ids, labels))
 
 
 @pytest.mark.parametrize("make_layer, shape", [

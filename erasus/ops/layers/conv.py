@@ -1,4 +1,7 @@
-"""``nn.Conv1d`` / ``nn.Conv2d`` (groups 1, integer zero padding): a linear map over unfolded output positions."""
+"""Convolutions. ``nn.Conv1d`` / ``nn.Conv2d`` with groups 1 and integer zero padding: a linear map over unfolded
+output positions (or the grouped weight-gradient convolution). Grouped / depthwise convolutions, 'same' or
+non-zero padding modes, ``nn.Conv3d`` and the transposed convolutions: exact per-sample gradients of the layer's
+own parameters by torch.func (slower)."""
 from __future__ import annotations
 
 import torch
@@ -7,10 +10,20 @@ from torch import nn
 from erasus.ops.layers._math import (common_dtype, conv_as_linear, conv_padding, has_trainable_bias, own_trainable,
                                      weight_bias)
 from erasus.ops.layers._registry import register_layer
+from erasus.ops.layers.fallback import fallback_fisher, fallback_norms
 from erasus.ops.linear_grads import norms_unchecked, squares_unchecked
 
 
+def _closed_form(module) -> bool:
+    """Groups 1 and integer zero padding: the unfold / grouped weight-gradient paths; anything else (grouped or
+    depthwise convolutions, 'same' padding, reflect / circular padding) takes the exact torch.func path."""
+    return module.groups == 1 and module.padding_mode == "zeros" and (not isinstance(module.padding, str)
+                                                                      or module.padding == "valid")
+
+
 def conv_norms(module, inputs, grad, backend):
+    if not _closed_form(module):
+        return fallback_norms(module, inputs, grad, backend)
     if module.in_channels >= GROUPED_CONV_MIN_CHANNELS and backend in (None, "reference"):
         return weight_bias(module, _grouped_conv_weight_sq(module, inputs[0], grad),
                             grad.reshape(grad.shape[0], grad.shape[1], -1).float().sum(2).double().square().sum(1))
@@ -41,9 +54,14 @@ def _grouped_conv_weight_sq(module, x: torch.Tensor, grad: torch.Tensor) -> torc
 
 
 def conv_fisher(module, inputs, grad, backend):
+    if not _closed_form(module):
+        return fallback_fisher(module, inputs, grad, backend)
     a, g = common_dtype(*conv_as_linear(module, inputs[0], grad))
     res = squares_unchecked(a, g, backend, with_bias=has_trainable_bias(module))
     return own_trainable(module, {"weight": res.weight.reshape(module.weight.shape), "bias": res.bias})
 
 
 register_layer(nn.Conv1d, nn.Conv2d, norms=conv_norms, fisher=conv_fisher)
+# No closed form here yet; exact per-sample gradients of just the layer's parameters (torch.func), slower
+register_layer(nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, norms=fallback_norms,
+               fisher=fallback_fisher)

@@ -6,6 +6,7 @@ from torch import nn
 
 from erasus.ops.layers._math import own_trainable, token_grad_sums
 from erasus.ops.layers._registry import register_layer
+from erasus.ops.layers.fallback import fallback_fisher, fallback_norms
 
 
 def embedding_norms(module, inputs, grad, backend):
@@ -21,3 +22,5 @@ def embedding_fisher(module, inputs, grad, backend):
 
 
 register_layer(nn.Embedding, norms=embedding_norms, fisher=embedding_fisher)
+# EmbeddingBag (bags of lookups reduced by sum / mean / max): exact per-sample gradients by torch.func
+register_layer(nn.EmbeddingBag, norms=fallback_norms, fisher=fallback_fisher)

@@ -12,6 +12,7 @@ from torch import nn
 from erasus.errors import UnsupportedLayerError
 from erasus.ops.layers._math import own_trainable
 from erasus.ops.layers._registry import register_layer
+from erasus.ops.layers.fallback import fallback_fisher, fallback_norms
 
 # (module, inputs, output_grad) -> {parameter attribute name: (B, d) per-sample gradients}
 AffineGrads = Callable[[nn.Module, tuple, torch.Tensor], "dict[str, torch.Tensor]"]
@@ -68,7 +69,20 @@ def batch_norm_grads(module, inputs, grad):
     return {"weight": (x_hat * g).reshape(batch, channels, -1).sum(2), "bias": g.reshape(batch, channels, -1).sum(2)}
 
 
+def group_norm_grads(module, inputs, grad):
+    """GroupNorm: x_hat from each sample's own group statistics (no mixing across samples), per channel (dim 1)
+    summed over the other positions."""
+    x_hat = F.group_norm(inputs[0].float(), module.num_groups, eps=module.eps)
+    g = grad.float()
+    batch, channels = x_hat.shape[0], x_hat.shape[1]
+    return {"weight": (x_hat * g).reshape(batch, channels, -1).sum(2), "bias": g.reshape(batch, channels, -1).sum(2)}
+
+
 register_affine(nn.LayerNorm, layer_norm_grads)
+register_affine(nn.GroupNorm, group_norm_grads)
+# InstanceNorm normalises each sample on its own (or, tracking running statistics in eval mode, with fixed ones):
+# exact per-sample gradients of its affine parameters by torch.func
+register_layer(nn.modules.instancenorm._InstanceNorm, norms=fallback_norms, fisher=fallback_fisher)
 register_affine(nn.modules.batchnorm._BatchNorm, batch_norm_grads)
 if hasattr(nn, "RMSNorm"):
     register_affine(nn.RMSNorm, rms_norm_grads(lambda m, x: m.eps if m.eps is not None else torch.finfo(x.dtype).eps))
