@@ -174,7 +174,8 @@ def model_around(make_layer, shape):
 @pytest.mark.parametrize("make_layer, shape", [
     pytest.param(lambda: nn.Conv2d(4, 4, 3, groups=2), (3, 4, 6, 6), id="conv2d-groups"),
     pytest.param(lambda: nn.Conv1d(4, 4, 3, groups=4), (3, 4, 7), id="conv1d-depthwise"),
-    pytest.param(lambda: nn.Conv2d(4, 4, 3, groups=2, dilation=2, padding=2), (3, 4, 7, 7), id="conv2d-grouped-dilated"),
+    pytest.param(lambda: nn.Conv2d(4, 4, 3, groups=2, dilation=2, padding=2), (3, 4, 7, 7),
+                 id="conv2d-grouped-dilated"),
     pytest.param(lambda: nn.Conv2d(4, 2, 3, padding="same"), (3, 4, 6, 6), id="conv2d-same"),
     pytest.param(lambda: nn.Conv1d(4, 2, 3, padding=1, padding_mode="circular"), (3, 4, 7), id="conv1d-circular"),
     pytest.param(lambda: nn.Conv3d(2, 3, 2), (3, 2, 3, 3, 3), id="conv3d"),
