@@ -7,7 +7,7 @@ from erasus.strategies.base import STRATEGIES, GradientStrategy, Strategy, froze
 from erasus.strategies.gradient import NPO, SCRUB, FineTune, GradDiff, GradientAscent, SalUn, SimNPO
 from erasus.strategies.representation import RMU
 from erasus.strategies.elm import ELM
-from erasus.strategies.pruning import DualSensitivityPruning
+from erasus.strategies.pruning import DualSensitivityPruning, SelectivePruning
 from erasus.strategies.guard import GuardTripped, TrainingGuard
 from erasus.strategies.training_free import SSD, FisherForgetting
 

@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from erasus.errors import InvalidInputError, NonFiniteError
+from erasus.errors import EmptyInputError, InvalidInputError, NonFiniteError
 from erasus.losses import npo_from_logprobs
 from erasus.ops.dual_sensitivity import dual_sensitivity_mask
 from erasus.ops.lora_importance import LoraImportanceEMA
 from erasus.strategies.base import GradientStrategy, _nonnegative, _positive
+from erasus.strategies.training_free import TrainingFreeStrategy
 from erasus.tasks.base import unwrap
 from erasus.tasks.groups import transformer_groups
 from erasus.tasks.reference import is_peft_model
@@ -464,3 +465,156 @@ def _positive_int(name: str, value) -> None:
 def _open_unit(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
         raise InvalidInputError(f"{name} must be a number in (0, 1), got {value!r}")
+
+
+# ------------------------------------------------------------------------------------- Selective Pruning
+class SelectivePruning(TrainingFreeStrategy, name="selective_pruning"):
+    """Selective Pruning (Pochinkov & Schoots, arXiv 2403.01267), written from the paper: the baseline
+    ``dual_prune`` is measured against. Training-free, one forward pass over the forget set and one over the
+    retain set, no gradients.
+
+    Each attention head group and MLP channel is scored by the mean absolute *input activation* of its columns
+    of the output projections (``o_proj`` / ``c_proj`` columns per head group, ``down_proj`` / ``c_proj`` columns
+    per channel: the ``"columns"`` groups of :func:`erasus.tasks.groups.transformer_groups`), averaged over the
+    non-padding tokens (``attention_mask``) and over the group's columns: ``I_f`` on the forget set, ``I_r`` on
+    the retain set. The top ``ratio`` fraction of the groups by ``S = I_f / (I_r + eps)``
+    (:func:`erasus.ops.dual_sensitivity_mask`: ``floor(ratio * n)`` groups, lowest index first at equal scores)
+    is pruned by zeroing those columns' inputs with forward pre-hooks -- dual_prune's mask hooks, shared.
+
+    Works on a plain or a peft causal LM. **Changes the model in place**: registers the mask pre-hooks on the
+    output projections (they stay after ``unlearn``; :meth:`remove_masks` takes them off; a failing ``unlearn``
+    removes them); the weights are not touched (:meth:`apply_masks_to_weights` writes the masks into a merged
+    model's weights).
+
+    Args:
+        ratio: fraction of the groups pruned, in (0, 1).
+        eps: S = I_f / (I_r + eps), > 0 (the paper's 1e-5).
+
+    After a run: :attr:`importances` (``{"forget", "retain"}``: float32 over the global groups), :attr:`masks`,
+    :attr:`mask_axes`, :attr:`pruned_groups`, :meth:`save_masks` as dual_prune's (``"columns"`` masks only).
+
+    Example:
+        >>> from erasus.strategies import get_strategy
+        >>> strategy = get_strategy("selective_pruning", ratio=0.05)
+        >>> strategy.tasks, strategy.training_free, strategy.ratio
+        (('causal_lm',), True, 0.05)
+    """
+
+    tasks = ("causal_lm",)
+
+    # dual_prune's mask machinery, shared rather than copied: the hooks, their multipliers and the exports read
+    # self._groups, self._pruned, self._multipliers, self._hooks and self._masks_on
+    _register_hooks = DualSensitivityPruning._register_hooks
+    _row_hook = DualSensitivityPruning._row_hook
+    _column_hook = DualSensitivityPruning._column_hook
+    _set_pruned = DualSensitivityPruning._set_pruned
+    unmasked = DualSensitivityPruning.unmasked
+    remove_masks = DualSensitivityPruning.remove_masks
+    masks = DualSensitivityPruning.masks
+    mask_axes = DualSensitivityPruning.mask_axes
+    pruned_groups = DualSensitivityPruning.pruned_groups
+    save_masks = DualSensitivityPruning.save_masks
+    apply_masks_to_weights = DualSensitivityPruning.apply_masks_to_weights
+
+    def __init__(self, ratio: float = 0.05, eps: float = 1e-5):
+        _open_unit("ratio", ratio)
+        _positive("eps", eps)
+        self.ratio, self.eps = float(ratio), float(eps)
+        self._hooks: list = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self._groups = None        # TransformerGroups restricted to the output projections ("columns")
+        self._pruned: torch.Tensor | None = None
+        self._multipliers: dict[str, torch.Tensor] = {}
+        self._masks_on = True
+        self._task = None
+        self.importances: dict[str, torch.Tensor] = {}
+
+    def unlearn(self, model, forget, retain=None, *, task=None, **kwargs):
+        """As :meth:`TrainingFreeStrategy.unlearn`; the log adds ``"pruned"`` (count) and ``"pruned_groups"``.
+        If the run fails, the mask hooks are removed before re-raising."""
+        from erasus.tasks import infer_task
+
+        self.remove_masks()
+        self._reset()
+        self._task = infer_task(model, task)
+        try:
+            return super().unlearn(model, forget, retain, task=self._task, **kwargs)
+        except BaseException:
+            self.remove_masks()
+            raise
+
+    def edit(self, model, forget, retain, loss_fn) -> dict:
+        """Score the groups on ``forget`` and ``retain`` (eval mode, no gradients), then register the masks of
+        the top ``ratio`` fraction on ``model``."""
+        self._groups = _column_groups(model)
+        self._pruned = torch.zeros(self._groups.n_groups, dtype=torch.bool)
+        self.importances = {"forget": self.activation_importance(model, forget),
+                            "retain": self.activation_importance(model, retain)}
+        # groups no output projection reads (none in a mapped transformer) keep I = 0 on both sides: S = 0
+        result = dual_sensitivity_mask(self.importances["forget"], self.importances["retain"], eps=self.eps,
+                                       ratio=self.ratio)
+        self._register_hooks(unwrap(model))
+        self._set_pruned(result.masks, True)
+        return {"pruned": int(result.pruned), "pruned_groups": self.pruned_groups}
+
+    @torch.no_grad()
+    def activation_importance(self, model, batches) -> torch.Tensor:
+        """float32 over the global groups: the mean |input activation| of each group's output-projection columns
+        over the non-padding tokens of ``batches`` (token dicts with ``attention_mask``). Runs the model
+        forward (its train / eval mode is the caller's); registers temporary hooks and removes them."""
+        from erasus._device import model_device, to_device
+
+        if self._groups is None:
+            self._groups = _column_groups(model)
+        groups, base, device = self._groups, unwrap(model), model_device(model)
+        task = self._task or _causal_lm_task(model)
+        sums = {name: torch.zeros(len(g.ids), dtype=torch.float64) for name, g in groups.modules.items()}
+        state = {"mask": None, "tokens": 0}
+
+        def collector(name):
+            def hook(module, inputs):
+                x = inputs[0].detach().abs().double()
+                sums[name] += (x * state["mask"].unsqueeze(-1)).sum(dim=tuple(range(x.dim() - 1))).cpu()
+            return hook
+
+        handles = [base.get_submodule(name).register_forward_pre_hook(collector(name)) for name in groups.modules]
+        try:
+            for batch in batches:
+                batch = to_device(batch, device)
+                inputs = task.model_inputs(batch)
+                mask = inputs.get("attention_mask")
+                if mask is None:
+                    mask = torch.ones_like(inputs["input_ids"])
+                state["mask"] = mask.to(torch.float64)
+                state["tokens"] += int(mask.sum())
+                model(**inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if state["tokens"] == 0:
+            raise EmptyInputError("batches: no non-padding token to measure activations on")
+        totals = torch.zeros(groups.n_groups, dtype=torch.float64)
+        columns = torch.zeros(groups.n_groups, dtype=torch.float64)
+        for name, module_groups in groups.modules.items():
+            totals.index_add_(0, module_groups.ids, sums[name])
+            columns.index_add_(0, module_groups.ids, torch.ones(len(module_groups.ids), dtype=torch.float64))
+        return (totals / (columns.clamp(min=1) * state["tokens"])).float()
+
+
+def _column_groups(model: nn.Module):
+    """transformer_groups of ``model`` restricted to the output projections (the ``"columns"`` groups)."""
+    from erasus.tasks.groups import TransformerGroups
+
+    try:
+        groups = transformer_groups(unwrap(model))
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"model: selective_pruning cannot map its heads / MLP channels: {exc}") from exc
+    return TransformerGroups({n: g for n, g in groups.modules.items() if g.axis == "columns"}, groups.names)
+
+
+def _causal_lm_task(model):
+    from erasus.tasks import infer_task
+
+    return infer_task(model, None)
