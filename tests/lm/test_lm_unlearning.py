@@ -16,8 +16,9 @@ SETTINGS = {name: by_arch for _, name, by_arch in LM_METHODS}
 # roles (their word-level tokenizer reads most template words as <unk>: GPT-2 reaches forget QA 0.50-0.54 only),
 # so ELM's four combinations are tested in tests/lm/test_elm.py, on models trained to know the roles.
 ROLE_DEPENDENT = {"elm"}
-# dual_prune (structured pruning of LoRA-mapped heads and channels) has its own tests: tests/lm/test_dual_prune.py
-OWN_TESTS = {"dual_prune"}
+# the pruning strategies (heads and channels) have their own tests: tests/lm/test_dual_prune.py and
+# tests/lm/test_selective_pruning.py
+OWN_TESTS = {"dual_prune", "selective_pruning"}
 # the band: the unlearned forget NLL lies between these multiples of the retrained model's (the original's is
 # about 0.02 of it); forget QA accuracy at most the retrained model's + 0.25
 FORGET_NLL_BAND = (0.4, 3.0)
