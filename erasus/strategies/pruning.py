@@ -41,7 +41,115 @@ FORGET_LOSSES = ("npo", "ga", "none")
 RETAIN_METRICS = {"retain_qa_acc": True, "retain_rouge": True, "retain_nll": False, "retain_ppl": False}
 
 
-class DualSensitivityPruning(GradientStrategy, name="dual_prune"):
+class GroupMasks:
+    """The head / channel masks of the pruning strategies: forward hooks holding 0/1 multipliers over each mapped
+    module's rows or columns, and their exports. Reads ``self._groups`` (TransformerGroups), ``self._pruned``
+    (bool over the groups), ``self._multipliers``, ``self._hooks`` and ``self._masks_on``, which the strategy
+    sets up."""
+
+    def _set_pruned(self, groups: torch.Tensor, value: bool) -> None:
+        self._pruned[groups] = value
+        for name, module_groups in self._groups.modules.items():
+            kept = (~self._pruned[module_groups.ids]).to(self._multipliers[name].dtype)
+            self._multipliers[name].copy_(kept.to(self._multipliers[name].device))
+
+    def _register_hooks(self, base: nn.Module) -> None:
+        for name, module_groups in self._groups.modules.items():
+            module = base.get_submodule(name)
+            weight = _base_weight(module)
+            multiplier = torch.ones(len(module_groups.ids), dtype=weight.dtype, device=weight.device)
+            self._multipliers[name] = multiplier
+            if module_groups.axis == "rows":
+                self._hooks.append(module.register_forward_hook(self._row_hook(multiplier)))
+            else:
+                self._hooks.append(module.register_forward_pre_hook(self._column_hook(multiplier)))
+
+    def _row_hook(self, multiplier: torch.Tensor):
+        def hook(module, inputs, output):
+            if not self._masks_on:
+                return None
+            return output * multiplier.to(output.dtype)
+        return hook
+
+    def _column_hook(self, multiplier: torch.Tensor):
+        def hook(module, inputs):
+            if not self._masks_on:
+                return None
+            return (inputs[0] * multiplier.to(inputs[0].dtype), *inputs[1:])
+        return hook
+
+    @contextlib.contextmanager
+    def unmasked(self):
+        """The model without the masks (hooks pass through) for the duration; the masks are kept."""
+        was, self._masks_on = self._masks_on, False
+        try:
+            yield
+        finally:
+            self._masks_on = was
+
+    def remove_masks(self) -> None:
+        """Take the mask hooks off the model (the masks themselves stay readable in :attr:`masks`)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """{module name (in the transformers model, without a peft prefix): bool over its rows (``"rows"``
+        groups: output features) or columns (input features), True = kept}."""
+        if self._groups is None:
+            return {}
+        return {name: (~self._pruned[g.ids]).clone() for name, g in self._groups.modules.items()}
+
+    @property
+    def mask_axes(self) -> dict[str, str]:
+        """{module name: ``"rows"`` or ``"columns"``}: what each mask of :attr:`masks` runs over."""
+        return {} if self._groups is None else {name: g.axis for name, g in self._groups.modules.items()}
+
+    @property
+    def pruned_groups(self) -> list[str]:
+        if self._pruned is None:
+            return []
+        return [self._groups.names[int(g)] for g in self._pruned.nonzero().flatten()]
+
+    def save_masks(self, path) -> Path:
+        """Write :attr:`masks` as safetensors (one bool tensor per module; each axis in the metadata). Reads
+        the strategy only."""
+        from safetensors.torch import save_file
+
+        if self._groups is None:
+            raise InvalidInputError("save_masks: no masks yet; run unlearn first")
+        path = Path(path)
+        save_file({name: mask.contiguous() for name, mask in self.masks.items()}, str(path),
+                  metadata={"axes": ",".join(f"{n}={a}" for n, a in self.mask_axes.items()),
+                            "pruned_groups": ",".join(self.pruned_groups)})
+        return path
+
+    def apply_masks_to_weights(self, model: nn.Module, masks: dict | None = None) -> nn.Module:
+        """Zero the masked rows (and their bias entries) or masked columns of the mapped projections' weights:
+        the merged export of a pruned model (``peft_model.merge_and_unload()`` drops the hooks). **Mutates
+        ``model``** and returns it. ``masks`` defaults to :attr:`masks` (or pass :func:`load_masks`'s)."""
+        if is_peft_model(model) or any(_lora_parts(m) is not None for m in model.modules()):
+            raise InvalidInputError("model: apply_masks_to_weights needs the merged model (a LoRA layer's adapter "
+                                    "would add its rows back): call merge_and_unload() first")
+        masks = self.masks if masks is None else masks
+        axes = self.mask_axes or {name: g.axis for name, g in transformer_groups(model).modules.items()}
+        with torch.no_grad():
+            for name, kept in masks.items():
+                module = model.get_submodule(name)
+                drop = ~kept.to(module.weight.device)
+                # the logical (out x in) matrix is stored (in, out) by transformers' Conv1D
+                out_dim = 1 if type(module).__name__ == "Conv1D" else 0
+                if axes[name] == "rows":
+                    module.weight.index_fill_(out_dim, drop.nonzero().flatten(), 0)
+                    if getattr(module, "bias", None) is not None:
+                        module.bias[drop] = 0
+                else:
+                    module.weight.index_fill_(1 - out_dim, drop.nonzero().flatten(), 0)
+        return model
+
+
+class DualSensitivityPruning(GroupMasks, GradientStrategy, name="dual_prune"):
     """Prune the LoRA model's head / MLP-channel groups with the highest forget-to-retain importance ratio.
 
     Works on a peft LoRA model (``ErasusUnlearner(..., lora=...)`` injects one). **Changes the model in place**:
@@ -264,12 +372,6 @@ class DualSensitivityPruning(GradientStrategy, name="dual_prune"):
                 return
         self.pruning_report["rounds"].append(entry)
 
-    def _set_pruned(self, groups: torch.Tensor, value: bool) -> None:
-        self._pruned[groups] = value
-        for name, module_groups in self._groups.modules.items():
-            kept = (~self._pruned[module_groups.ids]).to(self._multipliers[name].dtype)
-            self._multipliers[name].copy_(kept.to(self._multipliers[name].device))
-
     def _retain_eval_set(self, retain):
         if self.min_retain is None:
             return None
@@ -298,105 +400,9 @@ class DualSensitivityPruning(GradientStrategy, name="dual_prune"):
             return lm.qa_accuracy(model, self._retain_eval)
         return lm.qa_rouge(model, self._retain_eval)
 
-    # -- masks ------------------------------------------------------------------------------------------
-    def _register_hooks(self, base: nn.Module) -> None:
-        for name, module_groups in self._groups.modules.items():
-            module = base.get_submodule(name)
-            weight = _base_weight(module)
-            multiplier = torch.ones(len(module_groups.ids), dtype=weight.dtype, device=weight.device)
-            self._multipliers[name] = multiplier
-            if module_groups.axis == "rows":
-                self._hooks.append(module.register_forward_hook(self._row_hook(multiplier)))
-            else:
-                self._hooks.append(module.register_forward_pre_hook(self._column_hook(multiplier)))
-
-    def _row_hook(self, multiplier: torch.Tensor):
-        def hook(module, inputs, output):
-            if not self._masks_on:
-                return None
-            return output * multiplier.to(output.dtype)
-        return hook
-
-    def _column_hook(self, multiplier: torch.Tensor):
-        def hook(module, inputs):
-            if not self._masks_on:
-                return None
-            return (inputs[0] * multiplier.to(inputs[0].dtype), *inputs[1:])
-        return hook
-
-    @contextlib.contextmanager
-    def unmasked(self):
-        """The model without the masks (hooks pass through) for the duration; the masks are kept."""
-        was, self._masks_on = self._masks_on, False
-        try:
-            yield
-        finally:
-            self._masks_on = was
-
-    def remove_masks(self) -> None:
-        """Take the mask hooks off the model (the masks themselves stay readable in :attr:`masks`)."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
-
-    @property
-    def masks(self) -> dict[str, torch.Tensor]:
-        """{module name (in the transformers model, without a peft prefix): bool over its rows (``"rows"``
-        groups: output features) or columns (input features), True = kept}."""
-        if self._groups is None:
-            return {}
-        return {name: (~self._pruned[g.ids]).clone() for name, g in self._groups.modules.items()}
-
-    @property
-    def mask_axes(self) -> dict[str, str]:
-        """{module name: ``"rows"`` or ``"columns"``}: what each mask of :attr:`masks` runs over."""
-        return {} if self._groups is None else {name: g.axis for name, g in self._groups.modules.items()}
-
-    @property
-    def pruned_groups(self) -> list[str]:
-        if self._pruned is None:
-            return []
-        return [self._groups.names[int(g)] for g in self._pruned.nonzero().flatten()]
-
-    def save_masks(self, path) -> Path:
-        """Write :attr:`masks` as safetensors (one bool tensor per module; each axis in the metadata). Reads
-        the strategy only."""
-        from safetensors.torch import save_file
-
-        if self._groups is None:
-            raise InvalidInputError("save_masks: no masks yet; run unlearn first")
-        path = Path(path)
-        save_file({name: mask.contiguous() for name, mask in self.masks.items()}, str(path),
-                  metadata={"axes": ",".join(f"{n}={a}" for n, a in self.mask_axes.items()),
-                            "pruned_groups": ",".join(self.pruned_groups)})
-        return path
-
-    def apply_masks_to_weights(self, model: nn.Module, masks: dict | None = None) -> nn.Module:
-        """Zero the masked rows (and their bias entries) or masked columns of the mapped projections' weights:
-        the merged export of a pruned model (``peft_model.merge_and_unload()`` drops the hooks). **Mutates
-        ``model``** and returns it. ``masks`` defaults to :attr:`masks` (or pass :func:`load_masks`'s)."""
-        if is_peft_model(model) or any(_lora_parts(m) is not None for m in model.modules()):
-            raise InvalidInputError("model: apply_masks_to_weights needs the merged model (a LoRA layer's adapter "
-                                    "would add its rows back): call merge_and_unload() first")
-        masks = self.masks if masks is None else masks
-        axes = self.mask_axes or {name: g.axis for name, g in transformer_groups(model).modules.items()}
-        with torch.no_grad():
-            for name, kept in masks.items():
-                module = model.get_submodule(name)
-                drop = ~kept.to(module.weight.device)
-                # the logical (out x in) matrix is stored (in, out) by transformers' Conv1D
-                out_dim = 1 if type(module).__name__ == "Conv1D" else 0
-                if axes[name] == "rows":
-                    module.weight.index_fill_(out_dim, drop.nonzero().flatten(), 0)
-                    if getattr(module, "bias", None) is not None:
-                        module.bias[drop] = 0
-                else:
-                    module.weight.index_fill_(1 - out_dim, drop.nonzero().flatten(), 0)
-        return model
-
 
 def load_masks(path) -> dict[str, torch.Tensor]:
-    """The masks a :meth:`DualSensitivityPruning.save_masks` file holds: {module name: bool, True = kept}."""
+    """The masks a :meth:`GroupMasks.save_masks` file holds: {module name: bool, True = kept}."""
     from safetensors.torch import load_file
 
     return load_file(str(path))
@@ -468,7 +474,7 @@ def _open_unit(name: str, value) -> None:
 
 
 # ------------------------------------------------------------------------------------- Selective Pruning
-class SelectivePruning(TrainingFreeStrategy, name="selective_pruning"):
+class SelectivePruning(GroupMasks, TrainingFreeStrategy, name="selective_pruning"):
     """Selective Pruning (Pochinkov & Schoots, arXiv 2403.01267), written from the paper: the baseline
     ``dual_prune`` is measured against. Training-free, one forward pass over the forget set and one over the
     retain set, no gradients.
@@ -501,20 +507,6 @@ class SelectivePruning(TrainingFreeStrategy, name="selective_pruning"):
     """
 
     tasks = ("causal_lm",)
-
-    # dual_prune's mask machinery, shared rather than copied: the hooks, their multipliers and the exports read
-    # self._groups, self._pruned, self._multipliers, self._hooks and self._masks_on
-    _register_hooks = DualSensitivityPruning._register_hooks
-    _row_hook = DualSensitivityPruning._row_hook
-    _column_hook = DualSensitivityPruning._column_hook
-    _set_pruned = DualSensitivityPruning._set_pruned
-    unmasked = DualSensitivityPruning.unmasked
-    remove_masks = DualSensitivityPruning.remove_masks
-    masks = DualSensitivityPruning.masks
-    mask_axes = DualSensitivityPruning.mask_axes
-    pruned_groups = DualSensitivityPruning.pruned_groups
-    save_masks = DualSensitivityPruning.save_masks
-    apply_masks_to_weights = DualSensitivityPruning.apply_masks_to_weights
 
     def __init__(self, ratio: float = 0.05, eps: float = 1e-5):
         _open_unit("ratio", ratio)
