@@ -19,13 +19,22 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from erasus.errors import InvalidInputError
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]  # a part of a set: neither nothing nor everything
 Params = dict[str, Any]
+
+
+def _named_folder(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must name a folder")
+    return value
+
+
+Folder = Annotated[str, AfterValidator(_named_folder)]  # a folder name, not blank
 
 
 class _Schema(BaseModel):
@@ -44,7 +53,7 @@ class UnlearnerSettings(_Schema):
     batch_size: PositiveInt = 32
     copy_model: bool = Field(False, alias="copy")  # not "copy": BaseModel has a method of that name
     seed: int = 0
-    out_dir: str | Path | None = None
+    out_dir: Folder | Path | None = None
     progress: bool = False
     save_merged: bool = False
     stop_at_target: bool = False
@@ -52,12 +61,6 @@ class UnlearnerSettings(_Schema):
     retain_batch_size: PositiveInt | None = None
     overwrite: bool = False
 
-    @field_validator("out_dir")
-    @classmethod
-    def _named_folder(cls, value):
-        if value is not None and not str(value).strip():
-            raise ValueError("must name a folder (or be None for no files)")
-        return value
 
 
 class _RunConfig(_Schema):
@@ -69,14 +72,7 @@ class _RunConfig(_Schema):
     selector_params: Params | None = None
     epochs: PositiveInt = 5
     seed: int = 0
-    out_dir: str = "erasus-run"
-
-    @field_validator("out_dir")
-    @classmethod
-    def _named_folder(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must name a folder")
-        return value
+    out_dir: Folder = "erasus-run"
 
 
 class ClassificationConfig(_RunConfig):
