@@ -240,9 +240,8 @@ py::tuple dual_mask(const py::array& f, const py::array& r, const std::string& e
                                index_ptr, key_ptr, cap, &n_cand, &n_bad);
     });
   }
-  if (above < 0)
-    throw ArrayShapeError("dual_mask found " + std::to_string(n_cand) + " candidates, more than cand_index holds (" +
-                          std::to_string(cap) + ")");
+  // above == -1: more candidates (n_cand) than cand_index holds; none were written, the mask was. The caller
+  // (a sampled bracket that missed) falls back to the histogram route.
   return py::make_tuple(above, n_cand, n_bad);
 }
 

@@ -37,7 +37,7 @@ def _histogram_kernel(f_ptr, r_ptr, n, eps, prefix, hist_ptr, bad_ptr, LEVEL: tl
 
 
 @triton.jit
-def _mask_kernel(f_ptr, r_ptr, n, eps, lo, hi, mask_ptr, counts_ptr, cand_index_ptr, cand_key_ptr,
+def _mask_kernel(f_ptr, r_ptr, n, eps, lo, hi, mask_ptr, counts_ptr, cand_index_ptr, cand_key_ptr, cap,
                  BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
@@ -52,8 +52,9 @@ def _mask_kernel(f_ptr, r_ptr, n, eps, lo, hi, mask_ptr, counts_ptr, cand_index_
         # one reservation per program; the candidates' order is restored by the caller's sort
         base = tl.atomic_add(counts_ptr + 1, n_cand.to(tl.int64))
         slot = base + tl.cumsum(cand.to(tl.int64), axis=0) - 1
-        tl.store(cand_index_ptr + slot, offs, mask=cand)
-        tl.store(cand_key_ptr + slot, key, mask=cand)
+        fits = cand & (slot < cap)  # past the buffers' end nothing is written; the count tells the caller
+        tl.store(cand_index_ptr + slot, offs, mask=fits)
+        tl.store(cand_key_ptr + slot, key, mask=fits)
 
 
 def score_histogram(f: torch.Tensor, r: torch.Tensor, eps: float, level: int, prefix: int, hist: torch.Tensor,
@@ -71,10 +72,12 @@ def score_histogram(f: torch.Tensor, r: torch.Tensor, eps: float, level: int, pr
 def mask(f: torch.Tensor, r: torch.Tensor, eps: float, lo: int, hi: int, out: torch.Tensor,
          cand_index: torch.Tensor, cand_key: torch.Tensor, block: int = 1024) -> torch.Tensor:
     """out[i] = key_i > hi (out: uint8 view of a bool mask); keys in [lo, hi] are written, in no particular
-    order, to the int64 / int32 candidate buffers, which must hold them all. Returns (count above hi,
-    candidates, invalid elements) as a 3-element int64 tensor on the device."""
+    order, to the int64 / int32 candidate buffers, as many as they hold. Returns (count above hi, candidates,
+    invalid elements) as a 3-element int64 tensor on the device; more candidates than the buffers hold means
+    the listing is incomplete (the caller checks)."""
     n = f.numel()
     counts = torch.zeros(3, dtype=torch.int64, device=f.device)
     if n:
-        _mask_kernel[(triton.cdiv(n, block),)](f, r, n, eps, lo, hi, out, counts, cand_index, cand_key, BLOCK=block)
+        _mask_kernel[(triton.cdiv(n, block),)](f, r, n, eps, lo, hi, out, counts, cand_index, cand_key,
+                                                 cand_index.numel(), BLOCK=block)
     return counts

@@ -1,11 +1,15 @@
 """Dual-sensitivity pruning masks: prune the weights (or weight groups) that matter most to the forget set
 relative to the retain set, S = I_forget / (I_retain + eps), with one global threshold across all layers.
 
-Selection is a radix select over the float32 bits of S (S >= 0, so its bits order like integers), never a sort
-and never ``torch.quantile`` (which refuses more than 2**24 elements): a fused scoring + histogram pass over the
-top 16 bits of every key, then a mask pass that writes ``S > bin`` directly and lists the keys of the one bin
-that holds the k-th score as candidates, resolved exactly on that small set. A bin too full to list (many equal
-scores) gets one more histogram pass over its low 16 bits first. See ../shared/reference/kernels.md section 6.
+Selection works on the float32 bits of S (S >= 0, so its bits order like integers), never with a full sort and
+never ``torch.quantile`` (which refuses more than 2**24 elements). On large inputs it first tries ONE streaming
+pass: the scores of a small random sample of blocks bracket the k-th score, [lo, hi]; the mask pass writes
+``S > hi`` directly and lists the keys inside the bracket as candidates, resolved exactly on that small set. The
+pass itself proves the bracket right (fewer than k keys above hi, at least k at or above lo); when it is not
+(an unlucky sample, heavy ties), a radix select follows: a fused scoring + histogram pass over the top 16 bits
+of every key, then the mask pass with the one bin that holds the k-th score as the bracket. A bin too full to
+list (many equal scores) gets one more histogram pass over its low 16 bits first. The result is the same on
+every route. See ../shared/reference/kernels.md section 6.
 """
 from __future__ import annotations
 
@@ -27,6 +31,14 @@ LEVEL1_BINS = 65536  # key & 0xffff
 MAX_CANDIDATES = 1 << 21
 # The degenerate path (more equal scores at the threshold than MAX_CANDIDATES) marks ties in chunks this long.
 TIE_CHUNK = 1 << 20
+# The sampled bracket: tried from this many units up (below it the histogram pass is cheap), on this many
+# blocks of this many consecutive units drawn uniformly over all layers (2**18 scores: about 2 MB read).
+SAMPLED_MIN_UNITS = 1 << 22
+SAMPLE_BLOCKS, SAMPLE_BLOCK = 1024, 256
+# Half-width of the bracket in standard errors of the sampled count; doubled again for the correlation of
+# consecutive units in a block. A miss only costs the histogram route, never a wrong mask.
+BRACKET_SIGMAS = 6.0
+INF_KEY = 0x7F800000  # above every valid key (the largest finite float32 is 0x7F7FFFFF)
 
 
 class DualMask(NamedTuple):
@@ -369,6 +381,14 @@ def _radix_select(kern, forget, retain, names, eps, k, hi_key, masks):
             _raise_for_bad(forget, retain, names)
         return None, pruned
 
+    n_units = sum(f.numel() for f in forget)
+    if k and n_units >= SAMPLED_MIN_UNITS:
+        bracket = _sampled_bracket(forget, retain, eps, k, n_units, device)
+        if bracket is not None:
+            done = _select_in_bracket(kern, forget, retain, names, eps, k, masks, *bracket)
+            if done is not None:
+                return done
+
     hist = torch.zeros(LEVEL0_BINS, dtype=torch.int64, device=device)
     bad = sum(kern.histogram(forget[i], retain[i], eps, 0, 0, hist) for i in live)
     if int(bad):
@@ -406,11 +426,80 @@ def _radix_select(kern, forget, retain, names, eps, k, hi_key, masks):
     if lo > hi:
         _mark_first_ties(forget, retain, eps, hi, need, masks)
         return hi, k
-    positions, keys = torch.cat(positions), torch.cat(keys)
-    by_position = torch.argsort(positions)
-    by_key = torch.sort(keys[by_position], descending=True, stable=True).indices[:need]
-    chosen = torch.sort(positions[by_position][by_key]).values
-    threshold_key = int(keys[by_position][by_key][-1])
+    return _mark_candidates(torch.cat(positions), torch.cat(keys), need, masks), k
+
+
+def _sampled_bracket(forget, retain, eps, k: int, n_units: int, device):
+    """``(lo, hi, capacity)``: keys that likely hold the k-th largest, from the scores of SAMPLE_BLOCKS random
+    blocks of units (seeded: the same inputs take the same route); None when the bracket would list more than
+    MAX_CANDIDATES."""
+    g = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, n_units, (SAMPLE_BLOCKS,), generator=g).numpy()
+    sizes = np.array([f.numel() for f in forget], dtype=np.int64)
+    ends = np.cumsum(sizes)
+    layer_of = np.searchsorted(ends, starts, side="right")  # the layer each block starts in
+    keys = []
+    for i in np.unique(layer_of).tolist():
+        length = int(min(SAMPLE_BLOCK, sizes[i]))
+        # a block that would run past its layer's end is moved back inside the layer
+        local = np.minimum(starts[layer_of == i] - (ends[i] - sizes[i]), sizes[i] - length)
+        idx = torch.from_numpy((local[:, None] + np.arange(length)).reshape(-1)).to(device)
+        keys.append(_keys(forget[i][idx], retain[i][idx], eps))
+    sample = torch.cat(keys).cpu()
+    m, p = sample.numel(), k / n_units
+    # population units each sampled score stands for, and the bracket's half-width in them
+    weight = n_units / m
+    half = 2 * BRACKET_SIGMAS * n_units * math.sqrt(p * (1 - p) / m) + 2 * weight
+    if 2 * half > MAX_CANDIDATES:
+        return None
+    top, bottom = int((k - half) / weight), int(math.ceil((k + half) / weight))  # 0-based ranks, largest first
+    ranks = [rank for rank in (top, bottom) if 0 <= rank < m]
+    # ascending positions m-1-rank; a partition (linear), not a sort
+    at = dict(zip(ranks, np.partition(sample.numpy(), [m - 1 - rank for rank in ranks])[
+        [m - 1 - rank for rank in ranks]].tolist())) if ranks else {}
+    hi = at.get(top, INF_KEY)
+    lo = at.get(bottom, 0)
+    return lo, hi, min(MAX_CANDIDATES, n_units)
+
+
+def _select_in_bracket(kern, forget, retain, names, eps, k: int, masks, lo: int, hi: int, capacity: int):
+    """One mask pass with the bracket [lo, hi]; ``(threshold key, k)`` when it holds the k-th largest key (the
+    masks are then final), else None (the masks must be rewritten)."""
+    device = masks[0].device
+    cand_index = torch.empty(capacity, dtype=torch.int64, device=device)
+    cand_key = torch.empty(capacity, dtype=torch.int32, device=device)
+    positions, keys, start, offset, above, bad = [], [], 0, 0, 0, 0
+    for i, f in enumerate(forget):
+        if f.numel():
+            n_above, n_cand, n_bad = kern.mask(f, retain[i], eps, lo, hi, masks[i], cand_index[offset:],
+                                               cand_key[offset:])
+            bad += n_bad
+            if n_above < 0 or offset + n_cand > capacity:  # more candidates than listed: the bracket is too wide
+                if bad:
+                    _raise_for_bad(forget, retain, names)
+                return None
+            positions.append(cand_index[offset:offset + n_cand] + start)
+            keys.append(cand_key[offset:offset + n_cand])
+            offset, above = offset + n_cand, above + n_above
+        start += f.numel()
+    if bad:
+        _raise_for_bad(forget, retain, names)
+    if not above < k <= above + offset:  # the k-th largest key is outside [lo, hi]
+        return None
+    return _mark_candidates(torch.cat(positions), torch.cat(keys), k - above, masks), k
+
+
+def _mark_candidates(positions: torch.Tensor, keys: torch.Tensor, need: int, masks) -> int:
+    """Set the masks of the ``need`` candidates with the largest keys, lower position first among equal keys;
+    returns the smallest chosen key. Linear time: a selection of the need-th largest key, then a scan."""
+    if positions.numel() > 1 and not bool((positions[1:] > positions[:-1]).all()):
+        order = torch.argsort(positions)  # the Triton pass lists candidates in no particular order
+        positions, keys = positions[order], keys[order]
+    threshold_key = _kth_largest(keys, need)
+    take = keys > threshold_key
+    ties = keys == threshold_key
+    take |= ties & (ties.cumsum(0) <= need - int(take.sum()))
+    chosen = positions[take]
     start = 0
     for mask in masks:
         lo_i, hi_i = (int(v) for v in torch.searchsorted(chosen, torch.tensor([start, start + mask.numel()],
@@ -418,7 +507,15 @@ def _radix_select(kern, forget, retain, names, eps, k, hi_key, masks):
         if hi_i > lo_i:
             mask[chosen[lo_i:hi_i] - start] = True
         start += mask.numel()
-    return threshold_key, k
+    return threshold_key
+
+
+def _kth_largest(keys: torch.Tensor, k: int) -> int:
+    """The k-th largest (1-based) of int32 keys, by a selection (numpy's introselect on CPU, faster than
+    torch.kthvalue there)."""
+    if keys.device.type == "cpu":
+        return int(np.partition(keys.numpy(), keys.numel() - k)[keys.numel() - k])
+    return int(torch.kthvalue(keys, keys.numel() - k + 1).values)
 
 
 def _mark_first_ties(forget, retain, eps, t: int, need: int, masks) -> None:

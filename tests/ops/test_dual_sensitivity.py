@@ -184,6 +184,38 @@ def test_radix_select_rare_paths(backend, monkeypatch):
     assert ran["level1"] and ran["ties"], ran
 
 
+@pytest.mark.parametrize("backend", [b for b in backends_for(BACKENDS) if b != "reference"])
+def test_sampled_bracket_route_equals_the_oracle_and_falls_back_when_it_misses(backend, monkeypatch):
+    """The one-pass route (a sampled bracket, checked by the mask pass) forced on small inputs: right when the
+    bracket holds the k-th score, and still right (through the histogram route) when the pass finds it does
+    not: more candidates than listed (ties, a small MAX_CANDIDATES), or a bracket that misses the k-th score
+    (sampled for another k)."""
+    outcomes = {True: 0, False: 0}
+    select, bracket = ds._select_in_bracket, ds._sampled_bracket
+
+    def recording_select(*args):
+        result = select(*args)
+        outcomes[result is not None] += 1
+        return result
+
+    monkeypatch.setattr(ds, "_select_in_bracket", recording_select)
+    monkeypatch.setattr(ds, "SAMPLED_MIN_UNITS", 0)
+    monkeypatch.setattr(ds, "SAMPLE_BLOCKS", 16)
+    monkeypatch.setattr(ds, "SAMPLE_BLOCK", 5)
+    wrong_k = staticmethod(lambda forget, retain, eps, k, n, device: bracket(forget, retain, eps, max(1, k // 4),
+                                                                            n, device))
+    for cap, sample in ((1 << 21, bracket), (300, bracket), (1 << 21, wrong_k)):
+        monkeypatch.setattr(ds, "MAX_CANDIDATES", cap)
+        monkeypatch.setattr(ds, "_sampled_bracket", sample)
+        for dtype in dtypes_for(backend):
+            for tie in (None, 1.5):
+                forget, retain = layers(sizes_for(backend), dtype, seed=4, tie_value=tie)
+                for ratio in (0.001, 0.2, 0.5, 0.97):
+                    assert_matches(run(backend, forget, retain, ratio=ratio),
+                                   oracle(forget, retain, EPS, ratio=ratio))
+    assert outcomes[True] and outcomes[False], outcomes
+
+
 def test_structures_and_out_are_kept():
     f = {"a.weight": torch.tensor([[3.0, 0.0]]), "b.weight": torch.tensor([1.0])}
     r = {"a.weight": torch.tensor([[0.0, 0.0]]), "b.weight": torch.tensor([0.0])}
@@ -267,6 +299,6 @@ def test_cpp_binding_checks_its_arrays():
         _cpp.call("dual_score_histogram", f.double().numpy(), f.numpy(), "float32", 1.0, 0, 0,
                   torch.zeros(32768, dtype=torch.int64).numpy())
     small = torch.empty(1, dtype=torch.int64), torch.empty(1, dtype=torch.int32)
-    with pytest.raises(errors.ShapeError, match="more than cand_index holds"):  # every key is a candidate
-        _cpp.call("dual_mask", f.numpy(), f.numpy(), "float32", 1.0, 0, 0x7F7FFFFF,
-                  torch.empty(5, dtype=torch.uint8).numpy(), small[0].numpy(), small[1].numpy())
+    # every key is a candidate, more than the buffers hold: above = -1 and the count, nothing listed
+    assert _cpp.call("dual_mask", f.numpy(), f.numpy(), "float32", 1.0, 0, 0x7F7FFFFF,
+                     torch.empty(5, dtype=torch.uint8).numpy(), small[0].numpy(), small[1].numpy()) == (-1, 5, 0)
