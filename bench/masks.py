@@ -9,8 +9,8 @@ In one process: every implementation is checked against ours first (continuous r
 ties: every implementation must prune the same elements), then all are timed interleaved (2 warm-ups, then
 --repeats rounds), outputs preallocated where the implementation allows it. Printed: median time (20/80
 quantiles), our speedup, and two bandwidth figures against this machine's read bandwidth measured in the same
-run: 'GB/s streamed' counts what our kernels actually move (two reads of both importances plus the mask
-write), '%roofline' compares with the floor of one read of the inputs plus the mask write. Peak memory is the
+run: 'GB/s streamed' counts what our kernels actually move (one read of both importances per pass plus the
+mask write), '%roofline' compares with the floor of one read of the inputs plus the mask write. Peak memory is the
 peak-RSS growth of one call in a fresh child process (inputs already allocated and touched).
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch  # noqa: E402
 import harness  # noqa: E402
 
 import erasus.ops  # noqa: E402
+from erasus.ops import dual_sensitivity as ds  # noqa: E402
 
 LAYERS = 4
 EPS = 1e-3
@@ -56,6 +57,13 @@ def implementations(forget, retain, ratio: float) -> dict:
     def ours():
         return erasus.ops.dual_sensitivity_mask(forget, retain, eps=EPS, ratio=ratio, out=out, backend="cpp").masks
 
+    def ours_histogram_route():  # the radix select alone: what runs when the sampled bracket misses
+        saved, ds.SAMPLED_MIN_UNITS = ds.SAMPLED_MIN_UNITS, n + 1
+        try:
+            return ours()
+        finally:
+            ds.SAMPLED_MIN_UNITS = saved
+
     def torch_scores():
         start = 0
         for f, r in zip(forget, retain):
@@ -80,7 +88,26 @@ def implementations(forget, retain, ratio: float) -> dict:
         s = torch_scores()
         return torch_masks(torch.kthvalue(s, n - k + 1).values)
 
-    return {"cpp **(ours)**": ours, "torch topk": torch_topk, "torch kthvalue": torch_kthvalue}
+    return {"cpp **(ours)**": ours, "cpp, histogram route": ours_histogram_route, "torch topk": torch_topk,
+            "torch kthvalue": torch_kthvalue}
+
+
+def bracket_held(ours) -> bool:
+    """Whether a call of ours took the one-pass route (the sampled bracket held the k-th score)."""
+    held = []
+    select = ds._select_in_bracket
+
+    def recording(*args):
+        result = select(*args)
+        held.append(result is not None)
+        return result
+
+    ds._select_in_bracket = recording
+    try:
+        ours()
+    finally:
+        ds._select_in_bracket = select
+    return bool(held) and all(held)
 
 
 def child_peak(name: str, n: int, ratio: float) -> None:
@@ -126,23 +153,26 @@ def main() -> None:
     bandwidth = harness.read_bandwidth_gbs(device)
     times = harness.interleaved(impls, device, args.repeats)
     ours_median = harness.quantiles(times["cpp **(ours)**"])[0]
-    streamed = 2 * 2 * 4 * n + n  # two reads of f and r (float32), one mask write
-    floor = (2 * 4 * n + n) / (bandwidth * 1e9)
-    rows = ["| impl | elements | layers | ratio | median ms | p20–p80 ms | GB/s streamed | %BW | %roofline | "
-            "ours vs impl | peak MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    one_pass = 2 * 4 * n + n  # one read of f and r (float32), one mask write
+    passes = {"cpp **(ours)**": 1 if bracket_held(impls["cpp **(ours)**"]) else 2, "cpp, histogram route": 2}
+    rows = ["| impl | elements | layers | ratio | passes | median ms | p20–p80 ms | GB/s streamed | %BW | %roofline | "
+            "ours vs impl | peak MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, samples in times.items():
         median, low, high = harness.quantiles(samples)
-        ours = name.startswith("cpp")
-        gbs = streamed / median / 1e9
-        rows.append(f"| {name} | {n} | {LAYERS} | {args.ratio} | {median * 1e3:.1f} | {low * 1e3:.1f}–{high * 1e3:.1f} | "
-                    f"{f'{gbs:.1f}' if ours else '–'} | {f'{gbs / bandwidth:.0%}' if ours else '–'} | "
-                    f"{floor / median:.0%} | {median / ours_median:.2f}× | {peak_mb(name, args.n, args.ratio):.1f} |")
+        ours = name in passes
+        # the histogram pass reads f and r once more
+        gbs = (one_pass + (passes[name] - 1) * 2 * 4 * n) / median / 1e9 if ours else 0.0
+        rows.append(f"| {name} | {n} | {LAYERS} | {args.ratio} | {passes.get(name, '–')} | {median * 1e3:.1f} | "
+                    f"{low * 1e3:.1f}–{high * 1e3:.1f} | {f'{gbs:.1f}' if ours else '–'} | "
+                    f"{f'{gbs / bandwidth:.0%}' if ours else '–'} | {one_pass / (bandwidth * 1e9) / median:.0%} | "
+                    f"{median / ours_median:.2f}× | {peak_mb(name, args.n, args.ratio):.1f} |")
     body = (f"Measured read bandwidth: cpu {bandwidth:.1f} GB/s; {threads} threads; float32 importances, eps {EPS}.\n\n"
             + "\n".join(rows) + "\n\n"
-            "GB/s streamed: bytes our kernels move (the fused score + histogram pass reads f and r, the mask pass "
-            "reads them again and writes the mask) per second; %BW: that against the read bandwidth above. "
-            "%roofline: the floor of one read of f and r plus the mask write, over the time. Peak MB: peak-RSS "
-            "growth of one call in a fresh process (ours: histograms and the candidates of one bin; torch: the "
+            "passes: streaming passes over f and r (1: the sampled bracket held and the mask pass resolved it; 2: "
+            "the fused score + histogram pass, then the mask pass). GB/s streamed: bytes our kernels move (each "
+            "pass reads f and r; the mask pass writes the mask) per second; %BW: that against the read bandwidth "
+            "above. %roofline: the floor of one read of f and r plus the mask write, over the time. Peak MB: "
+            "peak-RSS growth of one call in a fresh process (ours: the candidate buffers, histograms; torch: the "
             "score buffer, topk/kthvalue temporaries). All implementations prune the same elements (checked).\n")
     print(body)
     harness.record_results(args, "bench/masks.py", body)
