@@ -59,6 +59,23 @@ def markdown(report: dict) -> str:
                       f"{stop['target']['value']:.4f}; " + (f"reached at epoch {stop['at_epoch']:.2f} "
                                                            f"(step {stop['at_step']})." if stop["reached"]
                                                            else "not reached.")]
+    verdict = report.get("verdict")
+    if verdict and verdict.get("target"):
+        label = report["curves"]["label"]
+        lines += ["", f"**Verdict:** the whole forget set {'reached' if verdict['reached'] else 'did NOT reach'} "
+                      f"the target ({verdict['target']['source']}, forget {label} {verdict['target']['value']:.4f}): "
+                      f"{verdict['original_forget']:.4f} before, {verdict['final_forget']:.4f} after, "
+                      f"{100 * verdict['progress']:.0f}% of the way."]
+    elif verdict:
+        lines += ["", f"**Verdict:** none: {verdict['note']}."]
+    adaptive = report.get("adaptive")
+    if adaptive:
+        lines += ["", f"Verified adaptive coreset: {'verified' if adaptive['verified'] else 'NOT verified'} after "
+                      f"{len(adaptive['rounds'])} rounds; {adaptive['forget_sample_passes']} forget-side backward "
+                      f"sample passes, {adaptive['forward_scoring_passes']} forward scoring passes.", "",
+                  "| round | coreset | forget | still remembered | backward passes so far |", "|---|---|---|---|---|"]
+        lines += [f"| {r['round']} | {r['coreset_size']} | {r['forget']:.4f} | {r['remembered']} | "
+                  f"{r['forget_sample_passes']} |" for r in adaptive["rounds"]]
     guard = report["guard"]
     if guard["stopped"]:
         lines += ["", f"**Stopped by the guard:** {guard['stopped']}; the model was restored to its state at step "

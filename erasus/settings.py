@@ -60,6 +60,9 @@ class UnlearnerSettings(_Schema):
     eval_every: PositiveInt | None = None
     retain_batch_size: PositiveInt | None = None
     overwrite: bool = False
+    adaptive: bool = False
+    adaptive_chunk: PositiveInt | None = None
+    max_rounds: PositiveInt = 8
 
 
 

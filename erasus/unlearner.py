@@ -10,6 +10,7 @@ import inspect
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -57,10 +58,21 @@ class ErasusUnlearner:
         stop_at_target: end unlearning at the first epoch (or ``eval_every`` steps) whose forget metric
             reaches the target: the retrained model's value when ``retrained`` is given, else the original
             model's value on ``test`` (the holdout set), which it never trained on.
+        adaptive: the verified adaptive coreset. After unlearning the coreset, score EVERY forget sample with
+            forward passes only (``task.per_sample_forget``) against the target; while the whole forget set has
+            not reached it, add the samples that still look remembered (in the selector's order, at most
+            ``adaptive_chunk`` per round; default: the first coreset's size) and unlearn the grown coreset
+            again, for at most ``max_rounds`` rounds. Needs a target (``retrained`` or ``test`` in ``fit``).
+            The report's ``adaptive`` entry lists the rounds, forget-side backward sample passes and forward
+            scoring passes separately, and whether the whole set was verified.
         progress: show a tqdm bar of the unlearning steps.
         overwrite: allow ``out_dir`` to hold a previous run (refused otherwise, before any work).
         out_dir: if given, ``fit`` writes report.json, report.md, PNG plots and the unlearned weights there
             (``model.safetensors``; ``adapter/`` for a peft model), all as safetensors.
+
+    Every report has a ``verdict``: the whole forget set's metric before and after against the target (named:
+    the retrained model's, or the original model's on the holdout set), whether it was reached and how far it
+    moved; a run whose forgetting barely moved (under 10% of the way) warns with a :class:`ForgettingWarning`.
 
     ``fit`` is a transaction: if anything fails before it returns (an error, KeyboardInterrupt), the model is
     put back as it was before ``fit`` (weights, buffers, train/eval mode, requires_grad, no adapter left in it)
@@ -83,14 +95,16 @@ class ErasusUnlearner:
                  batch_size: int = 32, copy: bool = False, seed: int = 0, out_dir: str | Path | None = None,
                  progress: bool = False, task: Task | str | None = None, lora=None, save_merged: bool = False,
                  stop_at_target: bool = False, eval_every: int | None = None, retain_batch_size: int | None = None,
-                 overwrite: bool = False):
+                 overwrite: bool = False, adaptive: bool = False, adaptive_chunk: int | None = None,
+                 max_rounds: int = 8):
         if not isinstance(model, nn.Module):
             raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         validate(UnlearnerSettings, {
             "prune_ratio": prune_ratio, "strategy_params": strategy_params, "selector_params": selector_params,
             "epochs": epochs, "batch_size": batch_size, "copy": copy, "seed": seed, "out_dir": out_dir,
             "progress": progress, "save_merged": save_merged, "stop_at_target": stop_at_target,
-            "eval_every": eval_every, "retain_batch_size": retain_batch_size, "overwrite": overwrite})
+            "eval_every": eval_every, "retain_batch_size": retain_batch_size, "overwrite": overwrite,
+            "adaptive": adaptive, "adaptive_chunk": adaptive_chunk, "max_rounds": max_rounds})
         self.retain_batch_size = retain_batch_size or batch_size
         self.model = model
         self.task = infer_task(model, task)
@@ -114,6 +128,7 @@ class ErasusUnlearner:
         self.copy, self.seed, self.out_dir, self.progress = copy, seed, out_dir, progress
         self.save_merged, self.stop_at_target, self.eval_every = save_merged, stop_at_target, eval_every
         self.overwrite = overwrite
+        self.adaptive, self.adaptive_chunk, self.max_rounds = adaptive, adaptive_chunk, max_rounds
 
     def fit(self, forget, retain, *, epochs: int | None = None, test=None, retrained: nn.Module | None = None,
             snapshot_every: int = 1, scenario: dict | None = None) -> tuple[nn.Module, dict]:
@@ -174,60 +189,86 @@ class ErasusUnlearner:
         t_original = time.perf_counter() - started
 
         n_forget = len(forget_ds)
+        target = self._target(task, model, retrained, forget_ds, retain_ds, test_ds)
+        if self.adaptive and target is None:
+            raise InvalidInputError("adaptive=True verifies the whole forget set against a target: pass retrained= "
+                                    "(a model trained on retain only) or test= (a holdout set) to fit")
+        original_forget = task.curve(model, forget_ds, retain_ds)["forget"]
         t0 = time.perf_counter()
         chosen = self._select(forget_ds, model)
+        order = self._order(forget_ds, model, chosen) if self.adaptive else None
         t_select = time.perf_counter() - t0
-        coreset = Subset(forget_ds, chosen.tolist())
-        rest = Subset(forget_ds, sorted(set(range(n_forget)) - set(chosen.tolist())))
 
-        g = torch.Generator().manual_seed(self.seed)
-        forget_loader = CountingLoader(task.loader(coreset, self.batch_size, shuffle=True, generator=g), task)
-        retain_loader = task.loader(retain_ds, self.retain_batch_size, shuffle=True,
-                                    generator=torch.Generator().manual_seed(self.seed + 1))
         curves = {"step": [], "loss": [], "epoch": [], "forget": [], "retain": [], "label": task.curve_label}
-        target = self._target(task, model, retrained, forget_ds, retain_ds, test_ds)
         stop = {"reached": False, "at_step": None, "at_epoch": None, "target": target}
-
         label = getattr(self.strategy, "name", type(self.strategy).__name__)
         training_free = getattr(self.strategy, "training_free", False)
-        bar = tqdm(total=0 if training_free else epochs * len(forget_loader), desc=f"unlearning ({label})",
-                   unit="step", disable=not self.progress, file=sys.stderr)
-        position = {"epoch": 0.0}
+        bar = tqdm(total=0, desc=f"unlearning ({label})", unit="step", disable=not self.progress, file=sys.stderr)
+        position = {"offset": 0.0, "steps_per_epoch": 1, "samples": 0, "step_offset": 0, "steps": 0}
 
         def record(epoch_value):
             values = task.curve(model, forget_ds, retain_ds)
-            curves["epoch"].append(epoch_value)
+            curves["epoch"].append(position["offset"] + epoch_value)
             curves["forget"].append(values["forget"])
             curves["retain"].append(values["retain"])
             if self.stop_at_target and target is not None and task.reached(values["forget"], target):
-                stop.update(reached=True, at_step=len(curves["step"]), at_epoch=epoch_value)
+                stop.update(reached=True, at_step=len(curves["step"]), at_epoch=position["offset"] + epoch_value)
                 raise TargetReached
 
         def on_step(info):
-            curves["step"].append(info["step"])
+            curves["step"].append(position["step_offset"] + info["step"])
             curves["loss"].append(info["loss"])
             bar.update(1)
             bar.set_postfix(loss=f"{info['loss']:.4g}")
             if self.eval_every and info["step"] % self.eval_every == 0:
-                record(info["step"] / max(1, len(forget_loader)))
+                record(info["step"] / position["steps_per_epoch"])
 
         def on_epoch(epoch):
             if not self.eval_every:
                 record(epoch + 1)
 
         guard = TrainingGuard(model, snapshot_every=snapshot_every)
+
+        def unlearn(indices: list[int]) -> dict:
+            """One pass of the strategy over the coreset ``indices`` (every epoch); returns its log."""
+            g = torch.Generator().manual_seed(self.seed + len(rounds))
+            loader = CountingLoader(task.loader(Subset(forget_ds, indices), self.batch_size, shuffle=True,
+                                                generator=g), task)
+            retain_loader = task.loader(retain_ds, self.retain_batch_size, shuffle=True,
+                                        generator=torch.Generator().manual_seed(self.seed + 1 + len(rounds)))
+            position["steps_per_epoch"] = max(1, len(loader))
+            if not training_free:
+                bar.total += epochs * len(loader)
+                bar.refresh()
+            try:
+                log = self.strategy.unlearn(model, loader, retain_loader, epochs=epochs, reference=reference,
+                                            on_step=on_step, on_epoch=on_epoch, guard=guard, task=task)
+            except TargetReached:
+                log = {"steps": len(curves["step"]), "stopped": None}
+                pruning = getattr(self.strategy, "pruning_report", None)
+                if pruning is not None:  # the strategy's own log did not come back: keep its pruning rounds
+                    log["pruning"] = pruning
+            position["samples"] += loader.samples
+            position["steps"] += log.get("steps", 0)
+            position["step_offset"] = curves["step"][-1] if curves["step"] else position["step_offset"]
+            position["offset"] = curves["epoch"][-1] if curves["epoch"] else position["offset"] + epochs
+            return log
+
+        calibrate = getattr(self.strategy, "calibrate_to", None)
+        if callable(calibrate):  # a training-free strategy that tunes itself (SSD alpha="auto") to the target
+            calibrate(task, target, forget_ds, retain_ds)
+        rounds: list[dict] = []
+        members = chosen.tolist()
         t0 = time.perf_counter()
-        try:
-            log = self.strategy.unlearn(model, forget_loader, retain_loader, epochs=epochs, reference=reference,
-                                        on_step=on_step, on_epoch=on_epoch, guard=guard, task=task)
-        except TargetReached:
-            log = {"steps": len(curves["step"]), "stopped": None}
-            pruning = getattr(self.strategy, "pruning_report", None)
-            if pruning is not None:  # the strategy's own log did not come back: keep its pruning rounds
-                log["pruning"] = pruning
+        log = unlearn(members)
+        if self.adaptive:
+            log, members = self._verify_and_grow(task, model, forget_ds, target, order, members, log, unlearn,
+                                                 rounds, position)
         t_unlearn = time.perf_counter() - t0
         bar.close()
         model.train(undo.training)
+        coreset = Subset(forget_ds, members)
+        rest = Subset(forget_ds, sorted(set(range(n_forget)) - set(members)))
 
         metrics = task.evaluate(model, forget_ds, retain_ds, test=test_ds, unselected=rest, retrained=ref)
         strategy_name = getattr(self.strategy, "name", type(self.strategy).__name__)
@@ -243,16 +284,25 @@ class ErasusUnlearner:
                           "extra_bytes": 0 if reference is None else reference.copied_bytes},
             "scenario": scenario, "forget_size": n_forget, "coreset_size": len(coreset), "retain_size": len(retain_ds),
             "forget_fraction": n_forget / (n_forget + len(retain_ds)),
-            "epochs": None if training_free else epochs, "steps": log.get("steps", 0), "seed": self.seed,
+            "epochs": None if training_free else epochs, "steps": position["steps"], "seed": self.seed,
             "in_place": not self.copy, "training_free": training_free,
-            "forget_sample_passes": forget_loader.samples,
+            "forget_sample_passes": position["samples"],
             "time_select_s": t_select, "time_unlearn_s": t_unlearn, "time_original_eval_s": t_original,
             "time_total_s": time.perf_counter() - started,
             "metrics": metrics, "original": original_metrics,
             "guard": {"stopped": log.get("stopped"), "events": guard.events},
             "early_stop": stop if self.stop_at_target else None,
             "curves": curves, "log": {k: v for k, v in log.items() if k not in ("stopped",)},
+            "adaptive": self._adaptive_summary(rounds, n_forget, position["samples"]) if self.adaptive else None,
+            "verdict": _verdict(task, target, original_forget, task.curve(model, forget_ds, retain_ds)["forget"]),
         }
+        verdict = report["verdict"]
+        if verdict["reached"] is False and verdict["progress"] < 0.1:
+            warnings.warn(f"forgetting barely moved: the forget {task.curve_label} went from "
+                          f"{verdict['original_forget']:.4g} to {verdict['final_forget']:.4g}, "
+                          f"{100 * verdict['progress']:.0f}% of the way to the target {target['value']:.4g} "
+                          f"({target['source']}); try stronger settings, or see the report's curves",
+                          ForgettingWarning, stacklevel=3)
         if ref is not None:
             ref_metrics = ref[0]
             report["retrained"] = ref_metrics
@@ -261,6 +311,41 @@ class ErasusUnlearner:
         if self.out_dir is not None:
             self._write(model, report)
         return model, report
+
+    def _order(self, forget_ds: Dataset, model: nn.Module, chosen: torch.Tensor) -> list[int]:
+        """The order in which the adaptive mode adds samples: the selector's ranking of the whole forget set
+        (its greedy order, or its scores), the coreset first; index order without a selector."""
+        n = len(forget_ds)
+        ranking = (self.selector.select(forget_ds, k=n, model=model).cpu().tolist()
+                   if self.selector is not None and n > 1 else list(range(n)))
+        first = chosen.tolist()
+        taken = set(first)
+        return first + [i for i in ranking if i not in taken]
+
+    def _verify_and_grow(self, task, model, forget_ds, target, order, members, log, unlearn, rounds, position):
+        """The verified adaptive coreset: score the whole forget set forward-only after each round; stop when it
+        reaches the target, the guard stopped the strategy, or max_rounds rounds ran; else add the still
+        remembered samples (selector order, ``adaptive_chunk`` at most) and unlearn the grown coreset."""
+        chunk = self.adaptive_chunk or len(members)
+        while True:
+            values = task.per_sample_forget(model, forget_ds)
+            value = float(values.mean())
+            remembered = [i for i, v in enumerate(values.tolist()) if not task.reached(v, target)]
+            verified = bool(task.reached(value, target))
+            rounds.append({"round": len(rounds) + 1, "coreset_size": len(members), "forget": value,
+                           "remembered": len(remembered), "verified": verified,
+                           "forget_sample_passes": position["samples"]})
+            if verified or log.get("stopped") or len(rounds) >= self.max_rounds:
+                return log, members
+            still = set(remembered)
+            taken = set(members)
+            members = members + [i for i in order if i in still and i not in taken][:chunk]
+            log = unlearn(members)
+
+    def _adaptive_summary(self, rounds: list[dict], n_forget: int, backward: int) -> dict:
+        return {"rounds": rounds, "verified": bool(rounds and rounds[-1]["verified"]),
+                "forget_sample_passes": backward, "forward_scoring_passes": n_forget * len(rounds),
+                "chunk": self.adaptive_chunk, "max_rounds": self.max_rounds}
 
     @staticmethod
     def _target(task, model, retrained, forget_ds, retain_ds, test_ds):
@@ -301,6 +386,25 @@ class ErasusUnlearner:
             return torch.arange(n)
         k = max(1, math.ceil(self.prune_ratio * n - 1e-9))
         return self.selector.select(forget_ds, k=k, model=model).cpu()
+
+
+class ForgettingWarning(UserWarning):
+    """A run ended with its forget metric barely moved towards the target (see ``report["verdict"]``)."""
+
+
+def _verdict(task, target, original: float, final: float) -> dict:
+    """Whether the whole forget set reached the target, and the fraction of the way it moved from the original
+    model's value (1.0 when the original already met it)."""
+    if target is None:
+        return {"target": None, "original_forget": original, "final_forget": final, "reached": None,
+                "progress": None, "note": "no reference to judge by: pass retrained= or test= to fit"}
+    goal = target["value"]
+    if task.reached(original, target) or goal == original:
+        progress = 1.0
+    else:
+        progress = (final - original) / (goal - original)
+    return {"target": target, "original_forget": original, "final_forget": final,
+            "reached": bool(task.reached(final, target)), "progress": progress}
 
 
 class _Undo:

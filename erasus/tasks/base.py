@@ -103,6 +103,15 @@ class Task(abc.ABC):
     def curve(self, model: nn.Module, forget: Dataset, retain: Dataset) -> dict[str, float]:
         """Cheap metrics recorded after every epoch (the report's curves): ``forget`` and ``retain``."""
 
+    def per_sample_forget(self, model: nn.Module, data: Dataset) -> torch.Tensor:
+        """(N,) the curve's forget metric per sample, forward passes only, such that its mean is
+        ``curve(...)["forget"]``; ``reached`` applied to it elementwise tells which samples still look
+        remembered. The verified adaptive coreset (``ErasusUnlearner(adaptive=True)``) scores the whole forget
+        set with it. A family whose forget metric is not a mean over samples (e.g. generation-based) does not
+        have one, and the adaptive mode refuses it."""
+        raise InvalidInputError(f"task {self.name!r} has no per-sample forget score, which the verified adaptive "
+                                "coreset needs (adaptive=True): run it without adaptive")
+
     #: what ``curve`` measures, for plots
     curve_label: ClassVar[str] = "accuracy"
     #: the bounded metrics whose mean distance to the retrained model's is the report's ``avg_gap``

@@ -131,6 +131,12 @@ class CausalLM(Task, name="causal_lm"):
             metrics["forget_unselected_nll"] = float(answer_nll(model, unselected).mean())
         return metrics, raw
 
+    def per_sample_forget(self, model, data):
+        """Each sample's answer NLL (the curve's forget value is their mean)."""
+        from erasus.metrics.lm import answer_nll
+
+        return answer_nll(model, data)
+
     def curve(self, model, forget, retain):
         from erasus.metrics.lm import answer_nll
 

@@ -78,6 +78,13 @@ class Classification(Task, name="classification"):
             metrics["MIA"] = mia_efficacy(model, retain, test, forget)
         return metrics, {}
 
+    def per_sample_forget(self, model, data):
+        """1.0 where the model still classifies the sample correctly, else 0.0 (their mean is the accuracy)."""
+        from erasus.metrics.accuracy import predict_logits
+
+        logits, labels = predict_logits(model, data)
+        return (logits.argmax(dim=1) == labels).float()
+
     def curve(self, model, forget, retain):
         from erasus.metrics import accuracy
 
