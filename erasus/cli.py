@@ -109,7 +109,7 @@ def unlearn_from_config(path: str, overwrite: bool = False) -> dict:
                                 prune_ratio=config.prune_ratio, strategy_params=config.strategy_params,
                                 selector_params=config.selector_params, epochs=config.epochs,
                                 batch_size=config.batch_size, copy=True, seed=config.seed, out_dir=config.out_dir,
-                                progress=True, overwrite=overwrite)
+                                progress=True, overwrite=overwrite, **_adaptive(config))
     facts = {"data": "scikit-learn digits", "scenario": config.scenario}
     facts.update({"forget_class": config.forget_class} if config.scenario == "class" else
                  {"forget_fraction": config.forget_fraction})
@@ -153,7 +153,7 @@ def unlearn_lm_from_config(config, overwrite: bool = False) -> dict:
                                 selector_params=config.selector_params, epochs=config.epochs,
                                 batch_size=config.batch_size, copy=True, seed=config.seed, out_dir=config.out_dir,
                                 progress=True, task="causal_lm", lora=config.lora, save_merged=config.save_merged,
-                                stop_at_target=config.stop_at_target, overwrite=overwrite)
+                                stop_at_target=config.stop_at_target, overwrite=overwrite, **_adaptive(config))
     facts = {"model": config.model or f"embedded tiny {config.arch}"}
     facts.update({"data": {k: v for k, v in config.data.model_dump().items() if v}} if config.data is not None else
                  {"data": "generated fictitious authors", "forget_fraction": config.forget_fraction})
@@ -162,6 +162,11 @@ def unlearn_lm_from_config(config, overwrite: bool = False) -> dict:
     print(markdown(report))
     print(f"Report written to {unlearner.out_dir}")
     return report
+
+
+def _adaptive(config) -> dict:
+    """The verified adaptive coreset's settings of a run config."""
+    return {"adaptive": config.adaptive, "adaptive_chunk": config.adaptive_chunk, "max_rounds": config.max_rounds}
 
 
 def _read_jsonl(path, name: str) -> list[dict]:

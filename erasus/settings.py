@@ -76,6 +76,9 @@ class _RunConfig(_Schema):
     epochs: PositiveInt = 5
     seed: int = 0
     out_dir: Folder = "erasus-run"
+    adaptive: bool = False
+    adaptive_chunk: PositiveInt | None = None
+    max_rounds: PositiveInt = 8
 
 
 class ClassificationConfig(_RunConfig):

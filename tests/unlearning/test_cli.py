@@ -16,11 +16,24 @@ def test_unlearn_from_a_yaml_config(tmp_path, capsys):
     assert "| unlearned |" in capsys.readouterr().out
 
 
+def test_an_adaptive_run_from_a_config_reports_its_rounds_and_verdict(tmp_path, capsys):
+    out = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(f"scenario: class\nstrategy: npo\nstrategy_params: {{lr: 0.001}}\nselector: kcenter\n"
+                      f"prune_ratio: 0.1\nepochs: 2\nadaptive: true\nmax_rounds: 2\nout_dir: {out}\n")
+    assert main(["unlearn", "--config", str(config)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert 1 <= len(report["adaptive"]["rounds"]) <= 2 and report["verdict"]["target"] is not None
+    printed = capsys.readouterr().out
+    assert "Verified adaptive coreset:" in printed and "**Verdict:**" in printed
+
+
 def test_bad_config_is_a_clear_error(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text("strategy: npo\nlearning_rate: 1\n")
     assert main(["unlearn", "--config", str(config)]) == 2
-    assert "config key 'learning_rate' is unknown (known: batch_size, epochs," in capsys.readouterr().err
+    assert "config key 'learning_rate' is unknown (known: adaptive, adaptive_chunk, batch_size, epochs," in \
+        capsys.readouterr().err
 
 
 def test_demo_runs_as_a_module_and_prints_the_table(tmp_path):
