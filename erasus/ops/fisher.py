@@ -124,7 +124,7 @@ def _accumulate_per_sample(model, fisher: dict, loss_fn: Callable, batch, backen
     slow.update(slow_layers)
     seen: set[int] = set()
     for name, module in layers:
-        for p in module.parameters(recurse=False):
+        for _, p in _capture.measured_parameters(module):
             if p.requires_grad and id(p) in seen:
                 raise InvalidInputError(f"layer {name} shares a parameter with another layer (tied weights); the "
                                         "per-sample Fisher of a shared parameter is not supported: use "

@@ -27,9 +27,13 @@ def grad_norms(model: nn.Module, loss_fn: Callable, batch, *, squared: bool = Fa
 
     Args:
         model: any ``nn.Module`` whose layers with trainable parameters are registered types: ``nn.Linear``,
-            ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``, transformers'
-            ``Conv1D`` (GPT-2) and Llama-style RMSNorm; peft LoRA adapters are ``nn.Linear`` layers, so
-            freezing the base model measures the adapters only. Parameters with ``requires_grad=False`` are
+            ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.RNN`` /
+            ``nn.LSTM`` / ``nn.GRU`` (any layout, packed sequences too), ``nn.MultiheadAttention``,
+            transformers' ``Conv1D`` (GPT-2) and Llama-style RMSNorm (the full list: CONTRIBUTING.md); peft LoRA
+            adapters are ``nn.Linear`` layers, so freezing the base model measures the adapters only. Parameters
+            a container uses directly in its forward (a class token, a position embedding, CLIP's
+            ``logit_scale``) are measured exactly from their definition, by a vectorised backward per sample
+            (:mod:`erasus.ops.layers.parameters`). Parameters with ``requires_grad=False`` are
             left out. Each trainable parameter must reach the loss only through the forward of a layer that
             owns it (an embedding tied to a linear head counts); any other use is refused. The model runs in
             its current mode (call ``model.eval()`` to score without dropout); its parameters (bit for bit,
@@ -98,7 +102,7 @@ def _shared_parameters(layers) -> list[tuple[nn.Module, nn.Module]]:
     owner: dict[int, tuple[str, nn.Module]] = {}
     ties = []
     for name, module in layers:
-        for p in module.parameters(recurse=False):
+        for _, p in _capture.measured_parameters(module):
             if not p.requires_grad:
                 continue
             if id(p) in owner:

@@ -19,23 +19,39 @@ from torch import nn
 NormRule = Callable[[nn.Module, tuple, torch.Tensor, "str | None"], torch.Tensor]
 # (module, inputs, output_grad, backend) -> {parameter attribute name: float32 sum_i (grad_i)^2, param-shaped}
 FisherRule = Callable[[nn.Module, tuple, torch.Tensor, "str | None"], "dict[str, torch.Tensor]"]
+# (module, inputs, output) -> ((tensor, batch dim or None), ...): the tensors a layer's forward returned that carry
+# gradient back to its parameters, each with the dimension holding the samples (None: none to check, e.g. the
+# data of a PackedSequence). Its rules then get ``output_grad`` as a tuple aligned with these tensors (None for
+# one the loss does not reach).
+OutputsRule = Callable[[nn.Module, tuple, object], "tuple[tuple[torch.Tensor, int | None], ...]"]
 
 
 @dataclasses.dataclass
 class LayerRule:
     """How one layer type yields per-sample quantities; either part may be missing (None) for a user's type
-    registered for one op only."""
+    registered for one op only.
+
+    ``outputs`` reads a layer whose forward returns several tensors or is not batch-first (nn.LSTM's
+    ``(output, (h_n, c_n))``, time-major ``(T, B, H)``); without it the output must be one batch-first tensor.
+    ``subtree`` says the rule measures every parameter under the module, children's included, because the
+    module uses its children's parameters without calling their forward (nn.MultiheadAttention reads
+    ``out_proj.weight``): the children are then not layers of their own, and the parameter names the rules
+    return may be dotted (``"out_proj.weight"``)."""
 
     norms: NormRule | None = None
     fisher: FisherRule | None = None
+    outputs: OutputsRule | None = None
+    subtree: bool = False
 
 
 RULES: dict[type, LayerRule] = {}
 _lazy_loaders: list[Callable[[], bool]] = []
 
 
-def register_layer(*layer_types: type, norms: NormRule | None = None, fisher: FisherRule | None = None) -> None:
-    """Register ``norms`` and/or ``fisher`` for each of ``layer_types`` (a part given replaces the old one)."""
+def register_layer(*layer_types: type, norms: NormRule | None = None, fisher: FisherRule | None = None,
+                   outputs: OutputsRule | None = None, subtree: bool | None = None) -> None:
+    """Register ``norms`` and/or ``fisher`` (and the layout parts ``outputs`` / ``subtree`` of
+    :class:`LayerRule`) for each of ``layer_types``; a part given replaces the old one."""
     for layer_type in layer_types:
         if not isinstance(layer_type, type) or not issubclass(layer_type, nn.Module):
             from erasus.errors import InvalidInputError
@@ -46,6 +62,10 @@ def register_layer(*layer_types: type, norms: NormRule | None = None, fisher: Fi
             rule.norms = norms
         if fisher is not None:
             rule.fisher = fisher
+        if outputs is not None:
+            rule.outputs = outputs
+        if subtree is not None:
+            rule.subtree = subtree
 
 
 def register_norm_sampler(*layer_types: type):
@@ -81,7 +101,7 @@ def _load_lazy() -> None:
 
 
 def registered_type(module: nn.Module, part: str) -> type | None:
-    """The first class in the module's MRO whose rule has ``part`` ("norms" or "fisher")."""
+    """The first class in the module's MRO whose rule has ``part`` ("norms", "fisher" or "outputs")."""
     _load_lazy()
     for cls in type(module).__mro__:
         rule = RULES.get(cls)
@@ -94,3 +114,9 @@ def rule_for(module: nn.Module, part: str) -> Callable | None:
     """The ``part`` function ("norms" or "fisher") of the module's rule, or None."""
     cls = registered_type(module, part)
     return None if cls is None else getattr(RULES[cls], part)
+
+
+def covers_subtree(module: nn.Module) -> bool:
+    """Whether the module's rule measures its children's parameters too (:attr:`LayerRule.subtree`)."""
+    cls = registered_type(module, "norms") or registered_type(module, "fisher")
+    return cls is not None and RULES[cls].subtree
