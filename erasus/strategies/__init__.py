@@ -10,7 +10,9 @@ from erasus.strategies.elm import ELM
 from erasus.strategies.pruning import DualSensitivityPruning, SelectivePruning
 from erasus.strategies.guard import GuardTripped, TrainingGuard
 from erasus.strategies.training_free import SSD, FisherForgetting
+from erasus.strategies.clip import ContrastiveUnlearning, ModalityDecoupling
 
 __all__ = ["STRATEGIES", "Strategy", "GradientStrategy", "get_strategy", "frozen_copy", "GradientAscent",
-           "GradDiff", "NPO", "SimNPO", "RMU", "ELM", "FineTune", "SCRUB", "SalUn", "SSD", "FisherForgetting", "TrainingGuard",
+           "GradDiff", "NPO", "SimNPO", "RMU", "ELM", "FineTune", "SCRUB", "SalUn", "SSD", "FisherForgetting", "ModalityDecoupling",
+           "ContrastiveUnlearning", "TrainingGuard",
            "GuardTripped"]

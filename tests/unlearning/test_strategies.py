@@ -25,14 +25,21 @@ SETTINGS = {
 
 
 def test_every_registered_strategy_is_covered():
-    """Every strategy that runs on classifiers is checked here; one limited to other families (ELM: causal LMs
-    only) must have its own test of that family (tests/lm/test_<name>.py)."""
+    """Every strategy that runs on classifiers is checked here; one limited to another family (ELM: causal LMs
+    only; modality decoupling: CLIP) must be tested in that family's folder (tests/lm/test_<name>.py for causal
+    LMs, or named in the family's test file)."""
     classifier_capable = {n for n, c in STRATEGIES.items() if c.tasks is None or "classification" in c.tasks}
     assert classifier_capable == set(SETTINGS)
-    lm_tests = Path(__file__).resolve().parents[1] / "lm"
+    tests = Path(__file__).resolve().parents[1]
+    family_files = {"causal_lm": lambda name: [tests / "lm" / f"test_{name}.py"],
+                    "clip": lambda name: sorted((tests / "clip").glob("test_*.py")),
+                    "diffusion": lambda name: sorted((tests / "diffusion").glob("test_*.py"))}
     for name in sorted(set(STRATEGIES) - classifier_capable):
-        assert STRATEGIES[name].tasks == ("causal_lm",), (name, STRATEGIES[name].tasks)
-        assert (lm_tests / f"test_{name}.py").is_file(), f"{name} runs on causal LMs only: tests/lm/test_{name}.py"
+        family = STRATEGIES[name].tasks
+        assert len(family) == 1 and family[0] in family_files, (name, family)
+        files = [f for f in family_files[family[0]](name) if f.is_file()]
+        assert any(f"test_{name}" in f.name or f'"{name}"' in f.read_text() for f in files), \
+            f"{name} runs on {family[0]} only: no test of it in {[str(f) for f in files]}"
     assert "elm" in STRATEGIES and "elm" not in classifier_capable
 
 
