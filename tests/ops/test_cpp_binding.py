@@ -100,3 +100,21 @@ def test_the_scale_multiplies_the_rows_exactly():
     out_scaled = np.empty_like(out)
     r2_scaled = _cpp.call("kcenter_greedy", x * np.float32(2.0**40), "float32", init, out_scaled, md, 2.0**-40)
     assert out_scaled.tolist() == out.tolist() and r2_scaled == r2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_non_negative_half_widens_exactly(dtype):
+    """Every finite non-negative 16-bit pattern (normals, subnormals, zero) widened by the C++ kernels (F16C
+    where the CPU has it, else the portable shift) equals torch's conversion: read back as the float32 keys
+    the dual-sensitivity mask pass lists (S = f / (0 + 1) = f exactly)."""
+    bits = torch.arange(0, 0x7C00 if dtype == torch.float16 else 0x7F80, dtype=torch.int32).to(torch.int16)
+    f = bits.view(dtype)
+    zeros = torch.zeros_like(f)
+    n = f.numel()
+    index, keys = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int32)
+    above, listed, bad = _cpp.call("dual_mask", _cpp.as_numpy(f), _cpp.as_numpy(zeros), _cpp.elem_name(dtype), 1.0,
+                                   0, 0x7F7FFFFF, torch.empty(n, dtype=torch.uint8).numpy(), index.numpy(),
+                                   keys.numpy())
+    assert (above, listed, bad) == (0, n, 0)
+    assert torch.equal(index, torch.arange(n))
+    assert torch.equal(keys, f.float().view(torch.int32))
