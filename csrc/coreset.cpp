@@ -30,6 +30,18 @@ inline float squared_distance(const T* row, float scale, const float* centre, in
   return acc;
 }
 
+// The distance of a stored row: float rows directly; 16-bit rows widened into the thread's scratch row first
+// (one vectorised conversion, then exactly the float32 arithmetic).
+inline float row_distance(const float* row, float scale, const float* centre, int64_t d, float*) {
+  return squared_distance(row, scale, centre, d);
+}
+
+template <typename T>
+inline float row_distance(const T* row, float scale, const float* centre, int64_t d, float* scratch) {
+  widen(row, d, scratch);
+  return squared_distance(static_cast<const float*>(scratch), scale, centre, d);
+}
+
 template <typename T>
 inline void widen_row(const T* row, float scale, int64_t d, float* dst) {
   for (int64_t t = 0; t < d; ++t) dst[t] = to_float(row[t]) * scale;
@@ -58,6 +70,7 @@ float kcenter_greedy(const T* x, int64_t n, int64_t d, float scale, const int64_
                      int64_t k, int64_t* out, float* min_dist) {
   std::vector<float> centre(static_cast<size_t>(d));
   std::vector<Best> per_thread(static_cast<size_t>(max_threads()));
+  std::vector<float> scratch(per_thread.size() * static_cast<size_t>(d));  // one widened row per thread
   for (int64_t j = 0; j < n; ++j) min_dist[j] = std::numeric_limits<float>::infinity();
   for (int64_t s = 0; s < n_init; ++s) out[s] = init[s];
 
@@ -72,7 +85,7 @@ float kcenter_greedy(const T* x, int64_t n, int64_t d, float scale, const int64_
       for (int64_t j = begin; j < end; ++j) {
         float m = min_dist[j];
         if (m >= 0.f) {
-          const float dist = squared_distance(x + j * d, scale, centre.data(), d);
+          const float dist = row_distance(x + j * d, scale, centre.data(), d, scratch.data() + tid * d);
           if (dist < m) m = dist;
           min_dist[j] = m;
         }
@@ -107,6 +120,7 @@ void herding(const T* x, int64_t n, int64_t d, float scale, int64_t k, int64_t* 
   for (int64_t j = 0; j < n; ++j) selected[j] = 0;
   std::vector<float> target(static_cast<size_t>(d));
   std::vector<Best> per_thread(static_cast<size_t>(nt));
+  std::vector<float> scratch(static_cast<size_t>(nt) * static_cast<size_t>(d));  // one widened row per thread
   for (int64_t i = 0; i < k; ++i) {
     for (int64_t t = 0; t < d; ++t) target[t] = static_cast<float>((i + 1) * mean[t] - chosen_sum[t]);
     for (auto& b : per_thread) b = Best{std::numeric_limits<float>::infinity(), -1};
@@ -114,7 +128,7 @@ void herding(const T* x, int64_t n, int64_t d, float scale, int64_t k, int64_t* 
       Best best{std::numeric_limits<float>::infinity(), -1};
       for (int64_t j = begin; j < end; ++j) {
         if (selected[j]) continue;
-        const float dist = squared_distance(x + j * d, scale, target.data(), d);
+        const float dist = row_distance(x + j * d, scale, target.data(), d, scratch.data() + tid * d);
         if (best.index < 0 || dist < best.value) best = Best{dist, j};
       }
       per_thread[static_cast<size_t>(tid)] = best;

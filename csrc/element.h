@@ -3,6 +3,9 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 namespace erasus {
 
@@ -37,5 +40,22 @@ inline float to_float(half_bits v) {
   return bits_to_float(float_to_bits(f) | sign);
 }
 #endif
+
+// Widen n elements into a float buffer, in a loop the compiler vectorises (a loop calling to_float on the
+// 16-bit structs does not: GCC has no vector type for their loads). Row kernels widen a row once and then run
+// the float32 code on it, so 16-bit inputs get exactly the float32 arithmetic on the widened values.
+inline void widen(const half_bits* src, int64_t n, float* dst) {
+  int64_t t = 0;
+#if defined(__F16C__)
+  for (; t + 8 <= n; t += 8)
+    _mm256_storeu_ps(dst + t, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + t))));
+#endif
+  for (; t < n; ++t) dst[t] = to_float(src[t]);
+}
+
+inline void widen(const bf16_bits* src, int64_t n, float* dst) {
+  const uint16_t* bits = &src->bits;  // bf16_bits is a plain wrapper of its 16 bits
+  for (int64_t t = 0; t < n; ++t) dst[t] = bits_to_float(uint32_t(bits[t]) << 16);
+}
 
 }  // namespace erasus
