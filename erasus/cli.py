@@ -194,9 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="forget a class and a random 10%% of digits; print a table vs retrain")
     p_demo.add_argument("--out-dir", default=None, help="also write each run's report here")
-    p_demo.add_argument("--task", choices=("classification", "lm", "clip"), default="classification",
+    p_demo.add_argument("--task", choices=("classification", "lm", "clip", "diffusion"), default="classification",
                         help="classification: digits MLP (default); lm: tiny causal LM on fictitious authors; "
-                             "clip: tiny CLIP on captioned digits")
+                             "clip: tiny CLIP on captioned digits; diffusion: tiny UNet erasing a digit "
+                             "(needs the diffusion extra)")
     p_demo.add_argument("--arch", choices=("gpt2", "llama"), default="gpt2", help="the LM demo's architecture")
     p_run = sub.add_parser(
         "unlearn", help="run one strategy x selector x scenario from a YAML config",
@@ -216,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
             from erasus.lm_demo import lm_demo
 
             lm_demo(args.out_dir, arch=args.arch)
+        elif args.command == "demo" and args.task == "diffusion":
+            from erasus.diffusion_demo import diffusion_demo
+
+            diffusion_demo(args.out_dir)
         elif args.command == "demo" and args.task == "clip":
             from erasus.clip_demo import clip_demo
 

@@ -11,8 +11,9 @@ from erasus.strategies.pruning import DualSensitivityPruning, SelectivePruning
 from erasus.strategies.guard import GuardTripped, TrainingGuard
 from erasus.strategies.training_free import SSD, FisherForgetting
 from erasus.strategies.clip import ContrastiveUnlearning, ModalityDecoupling
+from erasus.strategies.diffusion import ESD, UCE
 
 __all__ = ["STRATEGIES", "Strategy", "GradientStrategy", "get_strategy", "frozen_copy", "GradientAscent",
            "GradDiff", "NPO", "SimNPO", "RMU", "ELM", "FineTune", "SCRUB", "SalUn", "SSD", "FisherForgetting", "ModalityDecoupling",
-           "ContrastiveUnlearning", "TrainingGuard",
+           "ContrastiveUnlearning", "ESD", "UCE", "TrainingGuard",
            "GuardTripped"]
