@@ -7,6 +7,10 @@ Rules:
 - Otherwise the op runs on the fastest correct backend for the tensor's device as measured by ``bench/``
   (``bench/RESULTS.md``): ``cpp`` on CPU, ``triton`` on CUDA. If that one is missing, the op falls back to
   ``reference`` with one warning per missing backend, never an exception.
+- The compiled kernels take the element types of :data:`COMPILED_DTYPES` (an op's table may say otherwise):
+  floating-point tensors of another dtype (float64, from a float64 model through the layer rules) run on
+  ``reference``, silently when the backend was the default's choice, as a :class:`~erasus.errors.DTypeError`
+  when it was requested explicitly.
 """
 from __future__ import annotations
 
@@ -18,12 +22,16 @@ from pathlib import Path
 
 import torch
 
-from erasus.errors import BackendUnavailableError, InvalidInputError
+from erasus.errors import BackendUnavailableError, DTypeError, InvalidInputError
 
 ALL_BACKENDS = ("reference", "cpp", "triton", "faiss")
 
 # Fastest correct backend per device type, from bench/RESULTS.md; the op's own list decides among these.
 PREFERRED = {"cpu": ("cpp", "faiss", "reference"), "cuda": ("triton", "faiss", "reference")}
+
+# Floating-point element types the compiled kernels read (csrc/element.h: float, half and bfloat16 bits; the
+# Triton kernels load these and accumulate in float32).
+COMPILED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _warned: set[str] = set()
 
@@ -136,9 +144,18 @@ class OpTable:
         >>> table.backends, table.select(torch.device("cpu"), None)(torch.ones(2)).tolist()
         (('reference',), [2.0, 2.0])
 
-    Every table is listed in :data:`OPS` (the test grid reads it, so a new op cannot miss its tests)."""
+    Every table is listed in :data:`OPS` (the test grid reads it, so a new op cannot miss its tests).
 
-    def __init__(self, op: str, implementations: dict):
+    ``dtypes``: ``{backend: floating-point dtypes it takes}`` where it differs from the default (every dtype for
+    ``reference`` and ``faiss``, :data:`COMPILED_DTYPES` for ``cpp`` and ``triton``). A function :meth:`select`
+    returns for a backend with such a limit checks its floating-point tensor arguments when called, and runs
+    ``reference`` on others (or raises DTypeError if the backend was explicit).
+
+        >>> table = OpTable("triple", {"reference": lambda x: 3 * x, "cpp": lambda x: x.numpy()})
+        >>> table.select(torch.device("cpu"), None)(torch.ones(1, dtype=torch.float64)).dtype   # cpp takes no float64
+        torch.float64"""
+
+    def __init__(self, op: str, implementations: dict, dtypes: dict[str, tuple[torch.dtype, ...]] | None = None):
         unknown = set(implementations) - set(ALL_BACKENDS)
         if "reference" not in implementations or unknown:
             raise InvalidInputError(f"{op}: an op needs a 'reference' implementation and only backends of "
@@ -146,6 +163,7 @@ class OpTable:
         self.op = op
         self.implementations = dict(implementations)
         self.backends = tuple(name for name in ALL_BACKENDS if name in implementations)
+        self.dtypes = {"cpp": COMPILED_DTYPES, "triton": COMPILED_DTYPES, **(dtypes or {})}
         OPS[op] = self
 
     def resolve(self, device: torch.device, backend: str | None,
@@ -155,8 +173,24 @@ class OpTable:
 
     def select(self, device: torch.device, backend: str | None,
                preferred: dict[str, tuple[str, ...]] | None = None):
-        """The implementation that runs on ``device`` (see :func:`resolve`)."""
-        return self.implementations[self.resolve(device, backend, preferred)]
+        """The implementation that runs on ``device`` (see :func:`resolve`), guarded by the backend's dtypes."""
+        name = self.resolve(device, backend, preferred)
+        if name not in self.dtypes:
+            return self.implementations[name]
+        return functools.partial(self._within_dtypes, name, backend is not None or name == os.environ.get(
+            "ERASUS_BACKEND"))
+
+    def _within_dtypes(self, name: str, explicit: bool, *args):
+        """Run backend ``name`` if it takes the dtypes of the floating-point tensor arguments, else ``reference``
+        (an explicit backend raises instead)."""
+        other = next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.dtype.is_floating_point
+                      and a.dtype not in self.dtypes[name]), None)
+        if other is None:
+            return self.implementations[name](*args)
+        if explicit:
+            raise DTypeError(f"{self.op}: backend {name!r} takes {[str(d) for d in self.dtypes[name]]} tensors, got "
+                             f"{other}; pass backend='reference' (or leave backend unset) for {other}")
+        return self.implementations["reference"](*args)
 
     def __repr__(self) -> str:
         return f"OpTable({self.op!r}, backends={self.backends})"

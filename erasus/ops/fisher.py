@@ -2,16 +2,14 @@
 rule in :mod:`erasus.ops.layers` (the layer op is :func:`erasus.ops.squared_grad_sum`)."""
 from __future__ import annotations
 
-import warnings
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from erasus.errors import EmptyInputError, InvalidInputError, NonFiniteError, UnsupportedLayerError
+from erasus.errors import EmptyInputError, InvalidInputError, NonFiniteError
 from erasus.ops import _capture
 from erasus.ops._validate import all_finite
-from erasus.ops.layers import SlowPathWarning
 
 
 
@@ -27,7 +25,10 @@ def fisher_diagonal(model: nn.Module, data: Iterable, *, mode: str = "empirical"
 
     - ``"empirical"``: ``sum_i (d loss_i / d theta)^2`` with the data's own labels, from per-sample squared
       gradients (one batched forward and backward per batch; the layer kernels of :func:`squared_grad_sum`).
-      Needs ``loss_fn(model, batch) -> (B,)`` per-sample losses.
+      Needs ``loss_fn(model, batch) -> (B,)`` per-sample losses. A loss that mixes the samples (CLIP's batch
+      contrastive loss) is not a per-sample loss: a layer's "per-sample gradient" is then the one flowing back
+      through sample i's own forward from the summed loss, ``d (sum_j loss_j) / d (output row i)``, not
+      ``d loss_i / d theta`` (bare parameters of a container are measured from ``d loss_i / d p``).
     - ``"batch_squared"``: ``sum_batches (d mean_batch_loss / d theta)^2`` -- what SSD (Foster et al. 2024)
       calls importance: squared mini-batch gradients, so it depends on the batch size. Needs ``loss_fn``.
     - ``"mc"``: the true Fisher, estimated with one label per sample (and position) drawn from the model's own
@@ -40,7 +41,8 @@ def fisher_diagonal(model: nn.Module, data: Iterable, *, mode: str = "empirical"
     they were (it runs in its current mode): this function does not mutate the model. The per-sample modes
     refuse, as :func:`erasus.ops.grad_norms` does, a trainable parameter used outside its layer's forward;
     ``fallback=True`` measures a layer no rule knows exactly by torch.func, as there (a
-    :class:`~erasus.ops.SlowPathWarning` names those layers).
+    :class:`~erasus.ops.SlowPathWarning` names those layers, and the bare parameters measured by one backward
+    per sample).
 
     Returns:
         ``{parameter name: float32 tensor shaped like the parameter}`` for every trainable parameter.
@@ -70,7 +72,7 @@ def fisher_diagonal(model: nn.Module, data: Iterable, *, mode: str = "empirical"
     if not params:
         raise InvalidInputError("every parameter of the model is frozen (requires_grad=False): nothing to measure")
     fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
-    count, slow = 0, set()
+    count, slow = 0, {"fallback": [], "bare": []}
     with _capture.parameters_kept(model):
         for batch in data:
             if mode == "batch_squared":
@@ -81,9 +83,7 @@ def fisher_diagonal(model: nn.Module, data: Iterable, *, mode: str = "empirical"
                 count += _accumulate_per_sample(model, fisher, per_sample_loss, batch, backend, fallback, slow)
     if count == 0:
         raise EmptyInputError("data yielded no batches")
-    if slow:
-        warnings.warn(f"erasus.ops.fisher_diagonal: layers {sorted(slow)} have no rule and took the exact torch.func "
-                      "fallback (slower)", SlowPathWarning, stacklevel=2)
+    _capture.warn_slow_paths("fisher_diagonal", slow)
     if reduction == "mean":
         for value in fisher.values():
             value /= count
@@ -119,26 +119,22 @@ def _accumulate_batch_squared(params: dict, fisher: dict, losses: torch.Tensor) 
 
 
 def _accumulate_per_sample(model, fisher: dict, loss_fn: Callable, batch, backend, fallback: bool,
-                           slow: set[str]) -> int:
-    layers, rules, slow_layers = _capture.trainable_layers(model, "fisher", fallback)
-    slow.update(slow_layers)
+                           slow: dict[str, list[str]]) -> int:
+    plans = _capture.trainable_layers(model, "fisher", fallback)
+    _capture.slow_paths(plans, into=slow)
     seen: set[int] = set()
-    for name, module in layers:
-        for _, p in _capture.measured_parameters(module):
+    for plan in plans:
+        for _, p in plan.measured_parameters():
             if p.requires_grad and id(p) in seen:
-                raise InvalidInputError(f"layer {name} shares a parameter with another layer (tied weights); the "
+                raise InvalidInputError(f"layer {plan.label} shares a parameter with another layer (tied weights); the "
                                         "per-sample Fisher of a shared parameter is not supported: use "
                                         "mode='batch_squared' or untie it")
             seen.add(id(p))
-    losses, records = _capture.capture(model, layers, loss_fn, batch)
+    losses, records = _capture.capture(model, plans, loss_fn, batch)
     for record in records:
-        if record.grad is None:
+        values = record.measure(backend)
+        if values is None:
             continue
-        fn = rules[id(record.module)]
-        try:
-            values = fn(record.module, record.inputs, record.grad, backend)
-        except (UnsupportedLayerError, NonFiniteError) as exc:
-            raise type(exc)(f"layer {record.name or '<model>'}: {exc}") from exc
         for pname, value in values.items():
             full = f"{record.name}.{pname}" if record.name else pname
             fisher[full] += value.reshape(fisher[full].shape).to(fisher[full].device)

@@ -7,7 +7,6 @@ gradients into per-sample squared norms of its trainable parameters; supporting 
 """
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import torch
@@ -17,7 +16,6 @@ from erasus.errors import NonFiniteError, UnsupportedLayerError
 from erasus.ops import _capture
 from erasus.ops._magnitude import to_float32
 from erasus.ops._validate import all_finite
-from erasus.ops.layers import SlowPathWarning
 
 
 def grad_norms(model: nn.Module, loss_fn: Callable, batch, *, squared: bool = False,
@@ -33,7 +31,8 @@ def grad_norms(model: nn.Module, loss_fn: Callable, batch, *, squared: bool = Fa
             adapters are ``nn.Linear`` layers, so freezing the base model measures the adapters only. Parameters
             a container uses directly in its forward (a class token, a position embedding, CLIP's
             ``logit_scale``) are measured exactly from their definition, by a vectorised backward per sample
-            (:mod:`erasus.ops.layers.parameters`). Parameters with ``requires_grad=False`` are
+            (:mod:`erasus.ops.layers.parameters`; a :class:`~erasus.ops.SlowPathWarning` names them: freezing
+            them avoids the cost). Parameters with ``requires_grad=False`` are
             left out. Each trainable parameter must reach the loss only through the forward of a layer that
             owns it (an embedding tied to a linear head counts); any other use is refused. The model runs in
             its current mode (call ``model.eval()`` to score without dropout); its parameters (bit for bit,
@@ -41,7 +40,11 @@ def grad_norms(model: nn.Module, loss_fn: Callable, batch, *, squared: bool = Fa
             and mode are not changed: this function does not mutate the model.
         loss_fn: ``loss_fn(model, batch) -> (B,)`` per-sample losses (``reduction="none"``; for sequences,
             sum or average each sample's token losses, skipping padding). The gradient taken is that of
-            their sum, so sample i's norm is that of ``loss_i`` alone.
+            their sum, so sample i's norm is that of ``loss_i`` alone -- when ``loss_i`` depends on sample i
+            only. A loss that mixes the samples (CLIP's batch contrastive loss: each row's cross-entropy reads
+            every caption of the batch) is not a per-sample loss: a layer's part of sample i's norm is then that
+            of ``d (sum_j loss_j) / d (the layer's output row i)``, the gradient flowing back through sample i's
+            own forward, not ``d loss_i / d theta``; bare parameters are still measured from ``d loss_i / d p``.
         batch: whatever ``loss_fn`` takes. Layers must be batch-first (B, ...): a layer that runs once for the
             whole batch is an error, but a time-major layer with T == B cannot be told apart — keep them
             batch-first (Hugging Face models are).
@@ -49,7 +52,10 @@ def grad_norms(model: nn.Module, loss_fn: Callable, batch, *, squared: bool = Fa
         backend: backend of the layer kernels (:func:`erasus.ops.per_sample_grad_norms`).
         fallback: measure a trainable layer that no rule knows exactly, by ``torch.func`` per-sample gradients of
             that layer's own parameters (slower; a :class:`~erasus.ops.SlowPathWarning` names those layers)
-            instead of refusing it. Registered layers keep their fast rules.
+            instead of refusing it (a subclass overriding a registered type's forward too). The layer is called
+            again as it was called; each tensor argument with the batch's rows (nested in lists or tuples too) is
+            split per sample, and an output that does not come out per sample is refused by name. Registered
+            layers keep their fast rules.
 
     Returns:
         float32 (B,) on the model's device.
@@ -71,38 +77,33 @@ def grad_norms(model: nn.Module, loss_fn: Callable, batch, *, squared: bool = Fa
         >>> erasus.ops.grad_norms(model, loss, (x, y)).shape
         torch.Size([16])
     """
-    layers, rules, slow = _capture.trainable_layers(model, "norms", fallback)
-    ties = _shared_parameters(layers)
+    plans = _capture.trainable_layers(model, "norms", fallback)
+    ties = _shared_parameters(plans)
     with _capture.parameters_kept(model):
-        losses, records = _capture.capture(model, layers, loss_fn, batch)
+        losses, records = _capture.capture(model, plans, loss_fn, batch)
     total = torch.zeros(losses.shape[0], dtype=torch.float64, device=losses.device)
     for record in records:
-        if record.grad is not None:
-            fn = rules[id(record.module)]
-            try:
-                part = fn(record.module, record.inputs, record.grad, backend)
-            except (UnsupportedLayerError, NonFiniteError) as exc:
-                raise type(exc)(f"layer {record.name or '<model>'}: {exc}") from exc
+        part = record.measure(backend)
+        if part is not None:
             total += part.to(total.device, torch.float64)
     total += _tied_cross_terms(ties, records)
     total.clamp_(min=0.0)  # a negative cross term can take an exact zero a rounding below it
     if not all_finite(total):
         raise NonFiniteError("a per-sample squared gradient norm overflows float64 although the losses and "
                              "gradients are finite; scale the loss down")
-    if slow:
-        warnings.warn(f"erasus.ops.grad_norms: layers {slow} have no rule and took the exact torch.func fallback "
-                      "(slower)", SlowPathWarning, stacklevel=2)
+    _capture.warn_slow_paths("grad_norms", _capture.slow_paths(plans))
     what = "a per-sample squared gradient norm" if squared else "a per-sample gradient norm"
     return to_float32(total if squared else total.sqrt(), what)
 
 
-def _shared_parameters(layers) -> list[tuple[nn.Module, nn.Module]]:
+def _shared_parameters(plans) -> list[tuple[nn.Module, nn.Module]]:
     """Pairs of layers sharing a trainable parameter. Only an embedding tied to an output projection (the
     tied LM head) is supported: the norm then needs the cross term 2 <grad_emb, grad_head>."""
     owner: dict[int, tuple[str, nn.Module]] = {}
     ties = []
-    for name, module in layers:
-        for _, p in _capture.measured_parameters(module):
+    for plan in plans:
+        name, module = plan.name, plan.module
+        for _, p in plan.measured_parameters():
             if not p.requires_grad:
                 continue
             if id(p) in owner:

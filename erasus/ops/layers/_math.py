@@ -27,8 +27,10 @@ def own_trainable(module: nn.Module, values: dict[str, torch.Tensor]) -> dict[st
             if isinstance(getattr(module, k, None), torch.Tensor) and getattr(module, k).requires_grad}
 
 
-def has_trainable_bias(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "bias", None), torch.Tensor) and module.bias.requires_grad
+def has_trainable_bias(module: nn.Module, name: str | None = "bias") -> bool:
+    """Whether the module has a trainable bias called ``name`` (None: a map without bias)."""
+    bias = None if name is None else getattr(module, name, None)
+    return isinstance(bias, torch.Tensor) and bias.requires_grad
 
 
 def weight_bias(module: nn.Module, weight_sq: torch.Tensor, bias_sq: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The one registry of layer rules: for each layer type, how to turn a layer's inputs and output gradient into
 per-sample squared gradient norms (``norms``) and the sum over samples of squared gradients (``fisher``) of its
-own trainable parameters. Both model-level ops read it; a rule is looked up through the module's MRO.
+own trainable parameters. Both model-level ops read it; a rule is looked up through the module's MRO
+(the first class with a rule gives every part).
 
 Types from optional libraries (transformers) are registered lazily, on the first lookup after the library has
 been imported by the caller (a model of that library implies it): erasus never imports them on its own, and
@@ -100,23 +101,28 @@ def _load_lazy() -> None:
             _lazy_loaders.remove(loader)
 
 
-def registered_type(module: nn.Module, part: str) -> type | None:
-    """The first class in the module's MRO whose rule has ``part`` ("norms", "fisher" or "outputs")."""
+def registered_rule(module: nn.Module) -> tuple[type, LayerRule] | None:
+    """``(class, rule)`` of the first class in the module's MRO that has a rule, or None. Every part of a layer's
+    rule comes from that one class: a user's subclass registered for ``norms`` only does not inherit its parent's
+    ``outputs`` reader or ``fisher`` (the parent's layout need not be the subclass's)."""
     _load_lazy()
     for cls in type(module).__mro__:
         rule = RULES.get(cls)
-        if rule is not None and getattr(rule, part) is not None:
-            return cls
+        if rule is not None:
+            return cls, rule
     return None
 
 
+def registered_type(module: nn.Module, part: str | None = None) -> type | None:
+    """The class whose rule the module takes (:func:`registered_rule`); with ``part`` ("norms", "fisher" or
+    "outputs"), None when that rule lacks the part."""
+    found = registered_rule(module)
+    if found is None or part is not None and getattr(found[1], part) is None:
+        return None
+    return found[0]
+
+
 def rule_for(module: nn.Module, part: str) -> Callable | None:
-    """The ``part`` function ("norms" or "fisher") of the module's rule, or None."""
-    cls = registered_type(module, part)
-    return None if cls is None else getattr(RULES[cls], part)
-
-
-def covers_subtree(module: nn.Module) -> bool:
-    """Whether the module's rule measures its children's parameters too (:attr:`LayerRule.subtree`)."""
-    cls = registered_type(module, "norms") or registered_type(module, "fisher")
-    return cls is not None and RULES[cls].subtree
+    """The ``part`` function ("norms", "fisher" or "outputs") of the module's rule, or None."""
+    found = registered_rule(module)
+    return None if found is None else getattr(found[1], part)

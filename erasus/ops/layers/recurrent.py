@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from erasus.errors import UnsupportedLayerError
-from erasus.ops.layers._math import own_trainable
+from erasus.ops.layers._math import has_trainable_bias, own_trainable
 from erasus.ops.layers._registry import register_layer
 from erasus.ops.linear_grads import norms_unchecked, squares_unchecked
 
@@ -58,7 +58,7 @@ def rnn_outputs(module, inputs, output):
 def rnn_norms(module, inputs, grad, backend):
     parts = []  # the layer is trainable, so at least one weight or bias is
     for m in linear_maps(module, inputs, grad):
-        res = norms_unchecked(m.inputs, m.grads, backend=backend, with_bias=_has_trainable(module, m.bias),
+        res = norms_unchecked(m.inputs, m.grads, backend=backend, with_bias=has_trainable_bias(module, m.bias),
                               out_dtype=torch.float64)
         parts += own_trainable(module, _by_name(m, res)).values()
     return torch.stack(parts).sum(0)
@@ -67,13 +67,9 @@ def rnn_norms(module, inputs, grad, backend):
 def rnn_fisher(module, inputs, grad, backend):
     values: dict[str, torch.Tensor] = {}
     for m in linear_maps(module, inputs, grad):
-        res = squares_unchecked(m.inputs, m.grads, backend, with_bias=_has_trainable(module, m.bias))
+        res = squares_unchecked(m.inputs, m.grads, backend, with_bias=has_trainable_bias(module, m.bias))
         values.update(own_trainable(module, _by_name(m, res)))
     return values
-
-
-def _has_trainable(module, name: str | None) -> bool:
-    return name is not None and getattr(module, name).requires_grad
 
 
 def _by_name(m: LinearMap, res) -> dict[str, torch.Tensor]:
@@ -115,14 +111,7 @@ def linear_maps(module: nn.RNNBase, inputs: tuple, grad: tuple) -> list[LinearMa
         m.grads = torch.stack([torch.zeros_like(leaf) if found[id(leaf)] is None else found[id(leaf)].detach()
                                for leaf in m.leaves], dim=1)
         m.inputs, m.leaves = m.inputs.detach(), []
-    return [_kernel_dtype(m) for m in maps]
-
-
-def _kernel_dtype(m: LinearMap) -> LinearMap:
-    """The linear kernels take float32 (and half types); a float64 module is measured in float32."""
-    if m.inputs.dtype == torch.float64:
-        m.inputs, m.grads = m.inputs.float(), m.grads.float()
-    return m
+    return maps
 
 
 def _batch_first(module, x, out_grad, dtype):
