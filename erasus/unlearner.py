@@ -307,7 +307,8 @@ class ErasusUnlearner:
             ref_metrics = ref[0]
             report["retrained"] = ref_metrics
             report["gap_to_retrained"] = {k: abs(metrics[k] - ref_metrics[k]) for k in ref_metrics if k in metrics}
-            report["avg_gap"] = average_gap(metrics, ref_metrics, keys=task.gap_keys)
+            if any(k in metrics and k in ref_metrics for k in task.gap_keys):  # e.g. none without generation
+                report["avg_gap"] = average_gap(metrics, ref_metrics, keys=task.gap_keys)
         if self.out_dir is not None:
             self._write(model, report)
         return model, report
