@@ -90,3 +90,74 @@ def retrained_model(retain, key: str, seed: int = 0, epochs: int = 30) -> nn.Mod
     scenario and its split), since the weights are cached under it and ``seed``."""
     return cached_model(f"digits-mlp-retrain-{key}-s{seed}-e{epochs}", lambda: digits_mlp(seed + 1000),
                         lambda m: train_classifier(m, retain, epochs=epochs, seed=seed + 1000))
+
+
+# --- harder scenarios for the coreset study (bench/adaptive_coreset.py): a shared cause and memorised noise
+
+TRIGGER_LABEL = 0  # the backdoor's target class
+
+
+def add_trigger(x: torch.Tensor) -> torch.Tensor:
+    """A copy of (n, 64) digit images with a 2x2 white patch in the bottom-right corner (the backdoor trigger)."""
+    x = x.clone().view(-1, 8, 8)
+    x[:, 6:, 6:] = 1.0
+    return x.view(-1, 64)
+
+
+def backdoor_scenario(seed: int = 0, fraction: float = 0.05) -> dict:
+    """Digits with a backdoor: ``fraction`` of the training images (of classes other than 0) carry the trigger
+    and are relabelled 0; the forget set is exactly those. Returns forget / retain / test (clean) /
+    ``triggered`` (the test images of classes 1-9 with the trigger, true labels: the attack succeeds when the
+    model says 0) and the original (trained on the poisoned set) and retrained (on retain) MLPs, cached."""
+    train, test = load_digits_data(seed)
+    x, y = (t.clone() for t in train.tensors)
+    candidates = (y != TRIGGER_LABEL).nonzero().flatten()
+    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))
+    poisoned = candidates[order[: max(1, int(round(fraction * len(y))))]].sort().values
+    x[poisoned] = add_trigger(x[poisoned])
+    y[poisoned] = TRIGGER_LABEL
+    data = TensorDataset(x, y)
+    rest = sorted(set(range(len(y))) - set(poisoned.tolist()))
+    forget, retain = Subset(data, poisoned.tolist()), Subset(data, rest)
+    tx, ty = test.tensors
+    keep = ty != TRIGGER_LABEL
+    triggered = TensorDataset(add_trigger(tx[keep]), ty[keep])
+    key = f"backdoor{fraction}-split{seed}"
+    return {"forget": forget, "retain": retain, "test": test, "triggered": triggered,
+            "original": cached_model(f"digits-mlp-{key}-s{seed}", lambda: digits_mlp(seed),
+                                     lambda m: train_classifier(m, data, epochs=30, seed=seed)),
+            "retrained": retrained_model(retain, key, seed)}
+
+
+def attack_success_rate(model: nn.Module, triggered) -> float:
+    """The fraction of triggered images (true class not 0) that the model classifies as the trigger's label."""
+    from erasus.metrics.accuracy import predict_logits
+
+    logits, _ = predict_logits(model, triggered)
+    return float((logits.argmax(dim=1) == TRIGGER_LABEL).float().mean())
+
+
+def memorising_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+
+
+def mislabel_scenario(seed: int = 0, fraction: float = 0.05, epochs: int = 100) -> dict:
+    """Digits with ``fraction`` of the training labels flipped to another class, and a wider MLP trained long
+    enough to memorise them (~100% train accuracy): the idiosyncratic regime, where each forget sample may
+    have to be touched. The forget set is the flipped samples; forget / retain / test and the original and
+    retrained models (cached)."""
+    train, test = load_digits_data(seed)
+    x, y = (t.clone() for t in train.tensors)
+    g = torch.Generator().manual_seed(seed)
+    flipped = torch.randperm(len(y), generator=g)[: max(1, int(round(fraction * len(y))))].sort().values
+    y[flipped] = (y[flipped] + torch.randint(1, 10, (len(flipped),), generator=g)) % 10  # never the true class
+    data = TensorDataset(x, y)
+    rest = sorted(set(range(len(y))) - set(flipped.tolist()))
+    forget, retain = Subset(data, flipped.tolist()), Subset(data, rest)
+    key = f"mislabel{fraction}-split{seed}-e{epochs}"
+    return {"forget": forget, "retain": retain, "test": test,
+            "original": cached_model(f"digits-wide-{key}-s{seed}", lambda: memorising_mlp(seed),
+                                     lambda m: train_classifier(m, data, epochs=epochs, seed=seed)),
+            "retrained": cached_model(f"digits-wide-retrain-{key}-s{seed}", lambda: memorising_mlp(seed + 1000),
+                                      lambda m: train_classifier(m, retain, epochs=epochs, seed=seed + 1000))}
