@@ -106,7 +106,7 @@ int64_t check_selection(const py::array& x, Elem elem, const py::array& out) {
 }
 
 float kcenter_greedy(const py::array& x, const std::string& elem_name, const py::array& init, py::array& out,
-                     py::array& min_dist, double scale) {
+                     py::array& min_dist, double scale, bool prune) {
   const Elem elem = parse_elem(elem_name);
   const int64_t k = check_selection(x, elem, out);
   const int64_t n = x.shape(0), d = x.shape(1);
@@ -123,7 +123,7 @@ float kcenter_greedy(const py::array& x, const std::string& elem_name, const py:
   py::gil_scoped_release release;
   return dispatch(elem, [&](auto* tag) {
     return erasus::kcenter_greedy(data_as(x, tag), n, d, static_cast<float>(scale), init_ptr, n_init, k, out_ptr,
-                                  min_ptr);
+                                  min_ptr, prune);
   });
 }
 
@@ -254,7 +254,9 @@ PYBIND11_MODULE(_C, m) {
   py::register_exception<ArrayShapeError>(m, "ArrayShapeError", PyExc_ValueError);
   m.def("kcenter_greedy", &kcenter_greedy, py::arg("x").noconvert(), py::arg("elem"), py::arg("init").noconvert(),
         py::arg("out").noconvert(), py::arg("min_dist").noconvert(), py::arg("scale") = 1.0,
-        "Greedy k-center in place on x * scale; returns the squared covering radius of x * scale.");
+        py::arg("prune") = true,
+        "Greedy k-center in place on x * scale; returns the squared covering radius of x * scale. prune: skip "
+        "the rows the triangle inequality rules out (same selection).");
   m.def("herding", &herding, py::arg("x").noconvert(), py::arg("elem"), py::arg("out").noconvert(),
         py::arg("selected").noconvert(), py::arg("scale") = 1.0,
         "Herding selection on x * scale written into out.");

@@ -65,12 +65,20 @@ inline Best merge(const std::vector<Best>& per_thread, Better better) {
 
 }  // namespace
 
+// Exact pruning by the triangle inequality: a row at squared distance m from its nearest centre a cannot come
+// closer to the new centre c when ||c - a||^2 >= 4 m (then ||x - c|| >= ||c - a|| - ||x - a|| >= sqrt(m)), so
+// its row of X is not read. The margin keeps rows whose bound is within float32 rounding of the boundary on
+// the computed path, so the selection is the one without pruning.
+constexpr float kPruneMargin = 4.f * (1.f + 1e-3f);
+
 template <typename T>
 float kcenter_greedy(const T* x, int64_t n, int64_t d, float scale, const int64_t* init, int64_t n_init,
-                     int64_t k, int64_t* out, float* min_dist) {
+                     int64_t k, int64_t* out, float* min_dist, bool prune) {
   std::vector<float> centre(static_cast<size_t>(d));
   std::vector<Best> per_thread(static_cast<size_t>(max_threads()));
   std::vector<float> scratch(per_thread.size() * static_cast<size_t>(d));  // one widened row per thread
+  std::vector<int32_t> owner(prune ? static_cast<size_t>(n) : 0, -1);  // the step of each row's nearest centre
+  std::vector<float> to_centre(prune ? static_cast<size_t>(k) : 0);     // ||new centre - centre of step a||^2
   for (int64_t j = 0; j < n; ++j) min_dist[j] = std::numeric_limits<float>::infinity();
   for (int64_t s = 0; s < n_init; ++s) out[s] = init[s];
 
@@ -79,15 +87,24 @@ float kcenter_greedy(const T* x, int64_t n, int64_t d, float scale, const int64_
     const int64_t c = out[s];
     widen_row(x + c * d, scale, d, centre.data());
     min_dist[c] = -1.f;  // a centre is never chosen again, even among exact duplicates
+    if (prune)
+      for (int64_t a = 0; a < s; ++a)
+        to_centre[a] = row_distance(x + out[a] * d, scale, centre.data(), d, scratch.data());
     for (auto& b : per_thread) b = Best{-2.f, -1};
     parallel_blocks(n, [&](int64_t begin, int64_t end, int tid) {
       Best best{-2.f, -1};
       for (int64_t j = begin; j < end; ++j) {
         float m = min_dist[j];
         if (m >= 0.f) {
-          const float dist = row_distance(x + j * d, scale, centre.data(), d, scratch.data() + tid * d);
-          if (dist < m) m = dist;
-          min_dist[j] = m;
+          const int32_t a = prune ? owner[j] : -1;
+          if (a < 0 || to_centre[a] < kPruneMargin * m) {
+            const float dist = row_distance(x + j * d, scale, centre.data(), d, scratch.data() + tid * d);
+            if (dist < m) {
+              m = dist;
+              if (prune) owner[j] = static_cast<int32_t>(s);
+            }
+            min_dist[j] = m;
+          }
         }
         if (m > best.value) best = Best{m, j};
       }
@@ -143,7 +160,7 @@ void herding(const T* x, int64_t n, int64_t d, float scale, int64_t k, int64_t* 
 
 #define ERASUS_INSTANTIATE(T)                                                                              \
   template float kcenter_greedy<T>(const T*, int64_t, int64_t, float, const int64_t*, int64_t, int64_t,   \
-                                   int64_t*, float*);                                                      \
+                                   int64_t*, float*, bool);                                                \
   template void herding<T>(const T*, int64_t, int64_t, float, int64_t, int64_t*, uint8_t*);
 
 ERASUS_INSTANTIATE(float)

@@ -13,10 +13,12 @@ namespace erasus {
 // min_dist (length n) is scratch and ends holding each row's squared distance to its nearest centre,
 // with -1 marking the centres themselves. Returns the squared covering radius (0 when k == n).
 // One fused pass over x per centre: distance to the newest centre, running-min update, argmax.
-// Ties go to the lowest row index.
+// Ties go to the lowest row index. With prune (the default), a row whose nearest centre is at least twice
+// its distance away from the new centre is not read (the triangle inequality: it cannot come closer); the
+// selection is the same.
 template <typename T>
 float kcenter_greedy(const T* x, int64_t n, int64_t d, float scale, const int64_t* init, int64_t n_init,
-                     int64_t k, int64_t* out, float* min_dist);
+                     int64_t k, int64_t* out, float* min_dist, bool prune = true);
 
 // Herding (Welling 2009): row i of the selection minimises ||(i+1)*mean - S_i - x_j||^2 over unchosen j,
 // where S_i is the sum of the rows chosen so far, kept incrementally. One pass over x per step.

@@ -149,3 +149,34 @@ def test_bad_input_gets_a_clear_error(x, k, kwargs, error, match):
     with pytest.raises(errors.ErasusError, match=match) as raised:
         erasus.ops.kcenter_greedy(x, k, **kwargs)
     assert type(raised.value) is error
+
+
+@pytest.mark.parametrize("data", ["clusters", "gaussian", "duplicates"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triangle_pruning_keeps_the_selection_exactly(data, dtype):
+    """The C++ op skips rows the triangle inequality rules out; the indices and the radius are those of the same
+    kernel reading every row (and of the brute-force oracle), on clustered data (where most rows are skipped),
+    Gaussian data (where none are), duplicate-heavy rows and 16-bit storage."""
+    from erasus.ops import _cpp
+
+    g = torch.Generator().manual_seed(7)
+    n, d, k = 1500, 24, 60
+    if data == "clusters":
+        x = (torch.randn(12, d, generator=g) * 6)[torch.randint(0, 12, (n,), generator=g)] + \
+            torch.randn(n, d, generator=g)
+    elif data == "gaussian":
+        x = torch.randn(n, d, generator=g)
+    else:
+        x = torch.randn(40, d, generator=g)[torch.randint(0, 40, (n,), generator=g)]
+    x = x.to(dtype).contiguous()
+    results = []
+    for prune in (True, False):
+        out, min_dist = torch.empty(k, dtype=torch.int64), torch.empty(n)
+        r2 = _cpp.call("kcenter_greedy", _cpp.as_numpy(x), _cpp.elem_name(dtype), torch.tensor([3]).numpy(),
+                       out.numpy(), min_dist.numpy(), 1.0, prune)
+        results.append((out, r2, min_dist))
+    (pruned, r_pruned, _), (plain, r_plain, _) = results
+    assert torch.equal(pruned, plain) and r_pruned == r_plain
+    if data != "duplicates":  # past the 40 distinct rows every distance is 0: the oracle breaks those ties its way
+        want, _ = kcenter_bruteforce(x.float(), k, [3])
+        assert pruned.tolist() == list(want)
