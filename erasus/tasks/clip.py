@@ -21,7 +21,6 @@ text embeddings).
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 
 import torch
@@ -32,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from erasus._device import model_device, to_device
 from erasus.errors import InvalidInputError, ShapeError
 from erasus.losses import distill_kl
+from erasus.selectors.features import eval_mode
 from erasus.tasks.base import Task, _root, check_same_root_disjoint, nonempty, root_dataset, unwrap
 
 _INPUT_KEYS = ("pixel_values", "input_ids", "attention_mask")
@@ -235,7 +235,7 @@ class CLIPTask(Task, name="clip"):
         Eval mode, no gradients; the model's weights and modes are left as they were."""
         device = model_device(model)
         images, labels, ids, masks, prompts = [], [], [], [], None
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for batch in self.loader(dataset, self.batch_size):
                 batch = to_device(batch, device)
                 if prompts is None:
@@ -266,7 +266,7 @@ class CLIPTask(Task, name="clip"):
         an ``ErasusUnlearner`` picks its coreset in CLIP's joint space. The function does not change the model
         (the selectors call it under ``torch.no_grad()``); it reads ``model``'s weights when called."""
         def embed(inputs: dict) -> torch.Tensor:
-            with _eval_mode(model):
+            with eval_mode(model):
                 image = image_embeddings(model, inputs["pixel_values"])
                 return torch.cat([image, text_embeddings(model, inputs["input_ids"], inputs.get("attention_mask"))],
                                  dim=1)
@@ -351,19 +351,6 @@ def _distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     first = torch.full((int(inverse.max()) + 1,), len(x), dtype=torch.long)
     first.scatter_reduce_(0, inverse, torch.arange(len(x)), reduce="amin")
     return x[first], first
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    """The model in eval mode; afterwards every submodule gets its own training flag back (a frozen base under
-    a training adapter stays as it was)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _accuracy(e: dict, rows: torch.Tensor | None = None) -> float:
