@@ -39,7 +39,9 @@ def clip_demo(out_dir: str | None = None, forget_digit: int = 3, seed: int = 0, 
     print the table: zero-shot accuracy on the forget pairs, the retain pairs and the test images of the forgotten
     and kept digits, text→image recall@1 of the forget captions, image→text recall@1 of the retain pairs, the
     drift of the retain image and text embeddings from the original's, the average gap to the retrained model
-    and the time. ``out_dir`` gets each run's report and weights. Returns the rows. The original is not changed.
+    and the time. ``out_dir`` gets each run's report and weights, and ``predictions.png``: two test images per
+    digit titled with each model's zero-shot prediction (default folder ``./erasus-clip-demo``). Returns the
+    rows. The original is not changed.
     """
     from erasus.data.clip_data import clip_scenario
     import erasus.strategies.clip  # noqa: F401  (registers the CLIP strategies)
@@ -60,6 +62,8 @@ def clip_demo(out_dir: str | None = None, forget_digit: int = 3, seed: int = 0, 
     print(header)
     print("-" * len(header))
     task = CLIPTask(original=s["original"])
+    shown = _two_per_digit(s["test"])
+    predictions = {"original": task.embed(s["original"], shown, captions=False)["zs_pred"]}
     rows = []
     for i, (label, name, params, selector) in enumerate(CLIP_METHODS):
         run_dir = Path(out_dir) / (name + (f"-{selector}" if selector else "")) if out_dir else None
@@ -67,8 +71,9 @@ def clip_demo(out_dir: str | None = None, forget_digit: int = 3, seed: int = 0, 
         unlearner = ErasusUnlearner(s["original"], strategy=name, selector=chosen, prune_ratio=0.25 if chosen else 1.0,
                                     strategy_params=params, copy=True, seed=seed, out_dir=run_dir, task=task, **RUN)
         t0 = time.perf_counter()
-        _, report = unlearner.fit(s["forget"], s["retain"], test=s["test"], retrained=s["retrained"])
+        model, report = unlearner.fit(s["forget"], s["retain"], test=s["test"], retrained=s["retrained"])
         seconds = time.perf_counter() - t0
+        predictions[label] = task.embed(model, shown, captions=False)["zs_pred"]
         if i == 0:
             for ref_label, key in (("original", "original"), ("retrained (gold)", "retrained")):
                 print(_row(ref_label, report[key], None, None))
@@ -76,6 +81,43 @@ def clip_demo(out_dir: str | None = None, forget_digit: int = 3, seed: int = 0, 
         print(_row(label, report["metrics"], seconds, report["avg_gap"]), flush=True)
         rows.append({"method": label, **report["metrics"], "avg_gap": report["avg_gap"], "time_s": seconds,
                      "stopped": report["guard"]["stopped"]})
-    print(f"\nDone in {time.perf_counter() - started:.1f} s (models cached in the erasus cache folder; ERASUS_CACHE "
-          "overrides it).")
+    out = Path(out_dir) if out_dir else Path("erasus-clip-demo")
+    out.mkdir(parents=True, exist_ok=True)
+    path = save_prediction_grid(shown, predictions, s["concepts"], out / "predictions.png")
+    print(f"\nZero-shot predictions before/after: {path}. Done in {time.perf_counter() - started:.1f} s (models "
+          "cached in the erasus cache folder; ERASUS_CACHE overrides it).")
     return rows
+
+
+def _two_per_digit(test):
+    """Two test images of every digit, in digit order (the same images in every row of the grid)."""
+    labels = test.labels.tolist()
+    rows = [i for digit in sorted(set(labels)) for i in [j for j, y in enumerate(labels) if y == digit][:2]]
+    return test.subset(rows)
+
+
+def save_prediction_grid(shown, predictions: dict, concepts, path: Path) -> Path:
+    """One row per model, one column per test image: the image, titled with the concept the model's zero-shot
+    head gives it (red when wrong). Saved as a PNG; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images, labels = shown.pixel_values, shown.labels
+    fig, axes = plt.subplots(len(predictions), len(labels), figsize=(len(labels) * 0.6, len(predictions) * 0.85),
+                             squeeze=False)
+    for r, (label, predicted) in enumerate(predictions.items()):
+        for c in range(len(labels)):
+            ax = axes[r][c]
+            ax.imshow(images[c].float().mean(dim=0).numpy(), cmap="gray_r")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            right = int(predicted[c]) == int(labels[c])
+            ax.set_title(concepts[int(predicted[c])], fontsize=6, color="black" if right else "red")
+            if c == 0:
+                ax.set_ylabel(label[:22], rotation=0, ha="right", va="center", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
