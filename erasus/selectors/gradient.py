@@ -49,6 +49,10 @@ def default_loss(model, batch) -> torch.Tensor:
     inputs = batch_inputs(batch)
     out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
     logits = getattr(out, "logits", out)
+    if not isinstance(logits, torch.Tensor):
+        raise InvalidInputError(f"the model returned {type(out).__name__}, which has no logits tensor: pass "
+                                "loss_fn=(model, batch) -> per-sample losses (B,) to score this model (e.g. a CLIP "
+                                "model: erasus.tasks.CLIPTask's zero-shot loss)")
     return per_sample_cross_entropy(logits, labels, shift=logits.dim() == 3, reduction="mean")
 
 

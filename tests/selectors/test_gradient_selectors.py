@@ -99,3 +99,18 @@ def test_facility_location_matches_a_greedy_oracle_on_materialised_gradients():
 def test_bad_input_gets_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_a_model_without_logits_is_refused_by_name():
+    """A model whose output has no logits tensor (e.g. CLIP's CLIPOutput) needs a loss_fn; said so, clearly."""
+    class Pairs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return {"image_embeds": self.proj(x)}
+
+    data = TensorDataset(torch.randn(6, 4), torch.zeros(6, dtype=torch.long))
+    with pytest.raises(errors.InvalidInputError, match="has no logits tensor: pass loss_fn"):
+        GradNormSelector().select(data, k=2, model=Pairs())
