@@ -54,12 +54,16 @@ def rows_read(x: torch.Tensor, indices: torch.Tensor) -> float:
     return read / (n * len(indices))
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="n = 10k, d = 128, k = 100")
     parser.add_argument("--repeats", type=int, default=5)
     harness.add_record_flag(parser)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     threads = harness.pin_threads()
     n, d, k = (10_000, 128, 100) if args.quick else (50_000, 512, 500)
     g = torch.Generator().manual_seed(0)

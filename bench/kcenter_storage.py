@@ -27,12 +27,16 @@ import erasus.ops  # noqa: E402
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="n = 10k, d = 256")
     parser.add_argument("--repeats", type=int, default=5)
     harness.add_record_flag(parser)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     threads = harness.pin_threads()
     n, d, steps = (10_000, 256, 50) if args.quick else (50_000, 512, 100)
     g = torch.Generator().manual_seed(0)
