@@ -412,21 +412,12 @@ def _radix_select(kern, forget, retain, names, eps, k, hi_key, masks):
         if n_listed > MAX_CANDIDATES:  # equal scores beyond listing: mask S > t, then the first ties in chunks
             lo, n_listed = hi + 1, 0
 
-    cand_index = torch.empty(n_listed, dtype=torch.int64, device=device)
-    cand_key = torch.empty(n_listed, dtype=torch.int32, device=device)
-    positions, keys, start, offset = [], [], 0, 0
-    for i, f in enumerate(forget):
-        if f.numel():
-            _, n_cand, _ = kern.mask(f, retain[i], eps, lo, hi, masks[i], cand_index[offset:], cand_key[offset:])
-            positions.append(cand_index[offset:offset + n_cand] + start)
-            keys.append(cand_key[offset:offset + n_cand])
-            offset += n_cand
-        start += f.numel()
+    listed, _ = _mask_pass(kern, forget, retain, eps, lo, hi, masks, n_listed)  # the bin's count: always fits
     need = k - above
     if lo > hi:
         _mark_first_ties(forget, retain, eps, hi, need, masks)
         return hi, k
-    return _mark_candidates(torch.cat(positions), torch.cat(keys), need, masks), k
+    return _mark_candidates(listed[1], listed[2], need, masks), k
 
 
 def _sampled_bracket(forget, retain, eps, k: int, n_units: int, device):
@@ -465,6 +456,21 @@ def _sampled_bracket(forget, retain, eps, k: int, n_units: int, device):
 def _select_in_bracket(kern, forget, retain, names, eps, k: int, masks, lo: int, hi: int, capacity: int):
     """One mask pass with the bracket [lo, hi]; ``(threshold key, k)`` when it holds the k-th largest key (the
     masks are then final), else None (the masks must be rewritten)."""
+    listed, bad = _mask_pass(kern, forget, retain, eps, lo, hi, masks, capacity)
+    if bad:
+        _raise_for_bad(forget, retain, names)
+    if listed is None:  # more candidates than listed: the bracket is too wide
+        return None
+    above, positions, keys = listed
+    if not above < k <= above + positions.numel():  # the k-th largest key is outside [lo, hi]
+        return None
+    return _mark_candidates(positions, keys, k - above, masks), k
+
+
+def _mask_pass(kern, forget, retain, eps, lo: int, hi: int, masks, capacity: int):
+    """One mask pass over every layer with the bracket [lo, hi]: ``((count above hi, candidate positions through
+    the layers, their keys), invalid units)``, or ``(None, invalid units)`` once the candidates outgrow
+    ``capacity`` (the pass stops there)."""
     device = masks[0].device
     cand_index = torch.empty(capacity, dtype=torch.int64, device=device)
     cand_key = torch.empty(capacity, dtype=torch.int32, device=device)
@@ -474,19 +480,13 @@ def _select_in_bracket(kern, forget, retain, names, eps, k: int, masks, lo: int,
             n_above, n_cand, n_bad = kern.mask(f, retain[i], eps, lo, hi, masks[i], cand_index[offset:],
                                                cand_key[offset:])
             bad += n_bad
-            if n_above < 0 or offset + n_cand > capacity:  # more candidates than listed: the bracket is too wide
-                if bad:
-                    _raise_for_bad(forget, retain, names)
-                return None
+            if n_above < 0 or offset + n_cand > capacity:
+                return None, bad
             positions.append(cand_index[offset:offset + n_cand] + start)
             keys.append(cand_key[offset:offset + n_cand])
             offset, above = offset + n_cand, above + n_above
         start += f.numel()
-    if bad:
-        _raise_for_bad(forget, retain, names)
-    if not above < k <= above + offset:  # the k-th largest key is outside [lo, hi]
-        return None
-    return _mark_candidates(torch.cat(positions), torch.cat(keys), k - above, masks), k
+    return (above, torch.cat(positions), torch.cat(keys)), bad
 
 
 def _mark_candidates(positions: torch.Tensor, keys: torch.Tensor, need: int, masks) -> int:
