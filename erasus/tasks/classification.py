@@ -40,12 +40,7 @@ class Classification(Task, name="classification"):
 
     def check_disjoint(self, forget, retain):
         """Same indices of one dataset, or identical input rows (any Dataset whose items hold tensors)."""
-        if check_same_root_disjoint(forget, retain):
-            return
-        keys = set(_content_keys(forget))
-        shared = sum(key in keys for key in _content_keys(retain))
-        if shared:
-            raise InvalidInputError(f"forget and retain share {shared} identical input rows")
+        check_disjoint_by_content(forget, retain, "input rows")
 
     def batch_size_of(self, batch):
         return len(batch[1])
@@ -102,6 +97,17 @@ def _labels(logits: torch.Tensor, batch) -> torch.Tensor:
         raise InvalidInputError(f"labels must lie in [0, {logits.shape[1] - 1}] for a model with "
                                 f"{logits.shape[1]} outputs, got values in [{int(y.min())}, {int(y.max())}]")
     return y
+
+
+def check_disjoint_by_content(forget: Dataset, retain: Dataset, what: str) -> None:
+    """Refuse shared indices of one dataset or, across datasets, identical inputs (the first tensor of each
+    item); ``what`` names them in the error."""
+    if check_same_root_disjoint(forget, retain):
+        return
+    keys = set(_content_keys(forget))
+    shared = sum(key in keys for key in _content_keys(retain))
+    if shared:
+        raise InvalidInputError(f"forget and retain share {shared} identical {what}")
 
 
 def _content_keys(ds: Dataset) -> list[bytes]:

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from erasus.errors import InvalidInputError, ShapeError
-from erasus.tasks.base import Task, _root, check_same_root_disjoint, nonempty, root_dataset
+from erasus.tasks.base import Task, _root, nonempty, root_dataset
 
 _MODEL_ATTRIBUTES = ("unet", "encode_concepts", "concept_names", "null_id", "add_noise", "num_train_timesteps",
                      "image_shape")
@@ -149,14 +149,9 @@ class Diffusion(Task, name="diffusion"):
 
     def check_disjoint(self, forget, retain):
         """Same indices of one dataset, or identical images."""
-        if check_same_root_disjoint(forget, retain):
-            return
-        from erasus.tasks.classification import _content_keys
+        from erasus.tasks.classification import check_disjoint_by_content
 
-        keys = set(_content_keys(forget))
-        shared = sum(key in keys for key in _content_keys(retain))
-        if shared:
-            raise InvalidInputError(f"forget and retain share {shared} identical images")
+        check_disjoint_by_content(forget, retain, "images")
 
     def batch_size_of(self, batch):
         return len(batch[1])
