@@ -1,4 +1,5 @@
 """The verified adaptive coreset, the forgetting verdict of every run, and SSD's calibrated alpha."""
+import copy
 import warnings
 
 import pytest
@@ -137,3 +138,26 @@ def test_ssd_auto_alpha_refuses_to_guess_without_a_target_and_checks_its_setting
         get_strategy("ssd", alpha="auto", alpha_range=(5.0, 1.0))
     with pytest.raises(InvalidInputError, match="trials"):
         get_strategy("ssd", alpha="auto", trials=0)
+
+
+def test_a_fault_in_a_later_round_restores_the_model_bit_for_bit(clusters):
+    """adaptive=True is still one transaction: an error in round 2 puts the user's model back as it was."""
+    forget, retain, original, retrained = clusters
+    model = copy.deepcopy(original)  # herding's first coreset leaves samples remembered: a second round runs
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    unlearner = ErasusUnlearner(model, "npo", "herding", prune_ratio=0.1, strategy_params={"lr": 1e-2}, epochs=5,
+                                adaptive=True)
+    calls = {"n": 0}
+    unlearn = unlearner.strategy.unlearn
+
+    def failing_second_round(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("disk full")
+        return unlearn(*args, **kwargs)
+
+    unlearner.strategy.unlearn = failing_second_round
+    with pytest.raises(RuntimeError, match="disk full"):
+        unlearner.fit(forget, retain, retrained=retrained)
+    assert calls["n"] == 2
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
