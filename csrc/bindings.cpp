@@ -7,6 +7,7 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "coreset.h"
 #include "dual_sensitivity.h"
@@ -281,6 +282,65 @@ py::tuple dual_mask(const py::array& f, const py::array& r, const std::string& e
   return py::make_tuple(above, n_cand, n_bad);
 }
 
+// The one-pass selection over every layer (see dual_sensitivity.h: dual_mask_collect, dual_choose_and_mark):
+// masks[l] = key > hi for every layer, candidates in [lo, hi] listed (at most cap), and, when the k-th largest
+// key of all layers lies in [lo, hi], the k largest marked. Returns (threshold key, count above hi, candidates
+// listed, invalid elements); the key is -1 when the selection did not resolve: an invalid element, more than
+// cap candidates, or the k-th largest key outside [lo, hi] (the masks are then not final).
+py::tuple dual_select(const py::list& fs, const py::list& rs, const py::list& elems, double eps, uint32_t lo,
+                      uint32_t hi, int64_t k, const py::list& masks, int64_t cap, bool vectorized) {
+  check_eps(eps);
+  const size_t layers = fs.size();
+  if (rs.size() != layers || elems.size() != layers || masks.size() != layers)
+    throw ArrayShapeError("imp_forget, imp_retain, elems and masks must have one entry per layer");
+  if (k < 1) throw ArrayShapeError("k must be at least 1, got " + std::to_string(k));
+  if (cap < 0) throw ArrayShapeError("cap must be >= 0, got " + std::to_string(cap));
+  struct Layer {
+    const void* f;
+    const void* r;
+    Elem elem;
+    int64_t n;
+  };
+  std::vector<Layer> layer(layers);
+  std::vector<uint8_t*> mask_ptr(layers);
+  for (size_t l = 0; l < layers; ++l) {
+    for (const py::handle h : {fs[l], rs[l], masks[l]})
+      if (!py::isinstance<py::array>(h)) throw ArrayDTypeError("every layer's arrays must be numpy arrays");
+    const auto f = py::reinterpret_borrow<py::array>(fs[l]);
+    const auto r = py::reinterpret_borrow<py::array>(rs[l]);
+    auto mask = py::reinterpret_borrow<py::array>(masks[l]);
+    const Elem elem = parse_elem(elems[l].cast<std::string>());
+    const int64_t n = check_importance_pair(f, r, elem);
+    check_vector<uint8_t>(mask, "mask", n, true);
+    layer[l] = Layer{f.data(), r.data(), elem, n};
+    mask_ptr[l] = static_cast<uint8_t*>(mask.mutable_data());
+  }
+  int64_t above = 0, bad = 0, key = -1, listed = 0;
+  {
+    py::gil_scoped_release release;
+    static thread_local erasus::DualCandidates candidates;  // capacity kept between calls (no fresh pages)
+    candidates.clear();
+    bool missed = false;
+    for (size_t l = 0; l < layers && !missed; ++l) {
+      const Layer& L = layer[l];
+      int64_t layer_bad = 0;
+      const int64_t layer_above = dispatch(L.elem, [&](auto* tag) {
+        using Ptr = decltype(tag);
+        return erasus::dual_mask_collect(static_cast<Ptr>(L.f), static_cast<Ptr>(L.r), L.n,
+                                         static_cast<float>(eps), lo, hi, mask_ptr[l], candidates, cap, &layer_bad,
+                                         vectorized);
+      });
+      bad += layer_bad;
+      missed = layer_above < 0;
+      above += missed ? 0 : layer_above;
+    }
+    listed = candidates.count;
+    if (!missed && bad == 0 && above < k && k <= above + listed)
+      key = erasus::dual_choose_and_mark(candidates, k - above, mask_ptr.data());
+  }
+  return py::make_tuple(key, above, listed, bad);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -315,6 +375,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("cand_index").noconvert(), py::arg("cand_key").noconvert(), py::arg("vectorized") = true,
         "mask = key(S) > hi; keys in [lo, hi] listed as candidates. Returns (count above hi, candidates, invalid "
         "elements). vectorized=False forces the portable loop (tests compare the two).");
+  m.def("dual_select", &dual_select, py::arg("imp_forget"), py::arg("imp_retain"), py::arg("elems"), py::arg("eps"),
+        py::arg("lo"), py::arg("hi"), py::arg("k"), py::arg("masks"), py::arg("cap"), py::arg("vectorized") = true,
+        "One-pass selection of the k largest keys over every layer with the bracket [lo, hi]: returns (threshold "
+        "key or -1 when it did not resolve, count above hi, candidates listed, invalid elements).");
   m.def("dual_sample_keys", &dual_sample_keys, py::arg("imp_forget").noconvert(), py::arg("imp_retain").noconvert(),
         py::arg("elem"), py::arg("eps"), py::arg("starts").noconvert(), py::arg("block"), py::arg("keys").noconvert(),
         "keys[b * block + j] = key(S) of element starts[b] + j: the scores of sampled runs.");

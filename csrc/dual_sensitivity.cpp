@@ -1,5 +1,6 @@
 #include "dual_sensitivity.h"
 
+#include <algorithm>
 #include <cfloat>
 #include <vector>
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -80,14 +81,46 @@ int64_t histogram_block(const T* f, const T* r, int64_t begin, int64_t end, floa
   return bad;
 }
 
-// One thread's candidates. Kept per thread across calls (OpenMP's pool threads live on), so repeated calls
-// reuse the capacity instead of faulting in fresh pages for every listing (measured: 252k candidates cost
-// 20 ms in fresh vectors, about as much as the streaming pass itself). Holds at most the largest listing seen.
+// One thread's candidates, written through raw pointers into buffers kept per thread across calls (OpenMP's
+// pool threads live on), so repeated calls reuse the capacity instead of faulting in fresh pages for every
+// listing (measured: 252k candidates cost 20 ms in fresh vectors, about as much as the streaming pass itself).
+// A thread lists at most `cap` candidates; past that it only notes the overflow (the caller then fails the
+// bracket), so a bracket far too wide never grows the buffers beyond the caller's capacity.
 struct Candidates {
   std::vector<int64_t> index;
   std::vector<int32_t> key;
+  int64_t count = 0;
+  int64_t cap = 0;
+  bool overflow = false;
   int64_t above = 0;
   int64_t bad = 0;
+
+  void start(int64_t capacity) {
+    count = 0;
+    cap = capacity;
+    overflow = false;
+  }
+  // Whether `extra` more candidates may be written at index.data() + count (grown if needed).
+  bool room(int64_t extra) {
+    if (count + extra <= static_cast<int64_t>(index.size())) return true;
+    if (count >= cap) {
+      overflow = true;
+      return false;
+    }
+    const int64_t size = std::min<int64_t>(std::max<int64_t>({2 * static_cast<int64_t>(index.size()),
+                                                              count + extra, 4096}),
+                                           cap + extra);
+    index.resize(static_cast<size_t>(size));
+    key.resize(static_cast<size_t>(size));
+    return true;
+  }
+  void add(int64_t i, int32_t k) {
+    if (!room(1)) return;
+    index[static_cast<size_t>(count)] = i;
+    key[static_cast<size_t>(count)] = k;
+    ++count;
+  }
+  bool full() const { return overflow || count > cap; }
 };
 
 Candidates& thread_candidates() {
@@ -161,10 +194,7 @@ void mask_block_portable(const T* f, const T* r, int64_t begin, int64_t end, flo
         for (int64_t j = s; j < stop; ++j) any |= inside[j];
         if (!any) continue;
         for (int64_t j = s; j < stop; ++j)
-          if (inside[j]) {
-            mine.index.push_back(i + j);
-            mine.key.push_back(static_cast<int32_t>(keys[j]));
-          }
+          if (inside[j]) mine.add(i + j, static_cast<int32_t>(keys[j]));
       }
     }
   }
@@ -210,10 +240,7 @@ ERASUS_AVX2 void mask_block_avx2(const T* f, const T* r, int64_t begin, int64_t 
     const int32_t key = static_cast<int32_t>(float_to_bits(fv / (rv + eps)) & 0x7fffffffu);
     mask[j] = static_cast<uint8_t>(key > hi_s);
     above += key > hi_s;
-    if (!none_inside && key >= lo_s && key <= hi_s) {
-      mine.index.push_back(j);
-      mine.key.push_back(key);
-    }
+    if (!none_inside && key >= lo_s && key <= hi_s) mine.add(j, key);
   };
   int64_t i = begin;
   while (i < end && (reinterpret_cast<uintptr_t>(mask + i) & 31u)) scalar(i++);
@@ -253,11 +280,18 @@ ERASUS_AVX2 void mask_block_avx2(const T* f, const T* r, int64_t begin, int64_t 
       _mm256_stream_si256(reinterpret_cast<__m256i*>(mask + i), bytes);
     else
       _mm256_store_si256(reinterpret_cast<__m256i*>(mask + i), bytes);
-    while (listed) {  // candidates in index order
-      const int j = __builtin_ctz(listed);
-      listed &= listed - 1;
-      mine.index.push_back(i + j);
-      mine.key.push_back(keys[j]);
+    if (listed && mine.room(32)) {  // candidates in index order, through raw pointers (no per-candidate check)
+      int64_t* out_index = mine.index.data();
+      int32_t* out_key = mine.key.data();
+      int64_t c = mine.count;
+      while (listed) {
+        const int j = __builtin_ctz(listed);
+        listed &= listed - 1;
+        out_index[c] = i + j;
+        out_key[c] = keys[j];
+        ++c;
+      }
+      mine.count = c;
     }
   }
   for (; i < end; ++i) scalar(i);
@@ -277,18 +311,22 @@ bool dual_mask_vectorized_available() {
 #endif
 }
 
+namespace {
+
+// The mask pass over [0, n) on OpenMP's threads, each listing its block's candidates into its own buffer.
+// Returns the threads' buffers in block order (so their candidates are in index order; nullptr for a thread the
+// split did not use) and fills above / bad / listed / full.
 template <typename T>
-int64_t dual_mask(const T* f, const T* r, int64_t n, float eps, uint32_t lo, uint32_t hi, uint8_t* mask,
-                  int64_t* cand_index, int32_t* cand_key, int64_t cand_cap, int64_t* n_cand, int64_t* n_bad,
-                  bool vectorized) {
+std::vector<Candidates*> mask_pass(const T* f, const T* r, int64_t n, float eps, uint32_t lo, uint32_t hi,
+                                   uint8_t* mask, int64_t cap, bool vectorized, int64_t* above, int64_t* bad,
+                                   int64_t* listed, bool* full) {
   std::vector<Candidates*> per_thread(static_cast<size_t>(max_threads()), nullptr);
   const bool fused = vectorized && dual_mask_vectorized_available();
-  parallel_blocks(n, [&, lo, hi, eps, fused](int64_t begin, int64_t end, int tid) {
+  parallel_blocks(n, [&, lo, hi, eps, fused, cap](int64_t begin, int64_t end, int tid) {
     // lo, hi and eps are captured by value: read through the closure's references they could alias the
     // tile buffers, and the compare loops would not vectorise (2.2x slower pass)
     Candidates& mine = thread_candidates();
-    mine.index.clear();
-    mine.key.clear();
+    mine.start(cap);
     per_thread[tid] = &mine;
 #ifdef ERASUS_X86_VECTOR_MASK
     if (fused) {
@@ -298,32 +336,112 @@ int64_t dual_mask(const T* f, const T* r, int64_t n, float eps, uint32_t lo, uin
 #endif
     mask_block_portable(f, r, begin, end, eps, lo, hi, mask, mine);
   });
-  int64_t count = 0, above = 0;
-  *n_bad = 0;
+  *above = *bad = *listed = 0;
+  *full = false;
   for (const Candidates* c : per_thread) {
-    if (c == nullptr) continue;  // a thread the block split did not use
-    count += static_cast<int64_t>(c->index.size());
-    above += c->above;
-    *n_bad += c->bad;
+    if (c == nullptr) continue;
+    *listed += c->count;
+    *above += c->above;
+    *bad += c->bad;
+    *full = *full || c->full();
   }
-  *n_cand = count;
-  if (count > cand_cap) return -1;
+  *full = *full || *listed > cap;
+  return per_thread;
+}
+
+// The need-th largest of keys[0, n) (1 <= need <= n; keys >= 0): a 4096-bin histogram of the keys' top bits
+// over their range (small enough to stay in L1), then a selection among the keys of the one bin that holds it.
+int32_t nth_largest_key(const int32_t* keys, int64_t n, int64_t need) {
+  int32_t low = keys[0], high = keys[0];
+  for (int64_t j = 1; j < n; ++j) {
+    low = std::min(low, keys[j]);
+    high = std::max(high, keys[j]);
+  }
+  const uint32_t range = static_cast<uint32_t>(high) - static_cast<uint32_t>(low);
+  int shift = 0;
+  while ((range >> shift) >= 4096u) ++shift;
+  std::vector<int64_t> hist(static_cast<size_t>((range >> shift) + 1), 0);
+  for (int64_t j = 0; j < n; ++j) ++hist[(static_cast<uint32_t>(keys[j]) - static_cast<uint32_t>(low)) >> shift];
+  int64_t bin = static_cast<int64_t>(hist.size()) - 1, above = 0;
+  while (above + hist[static_cast<size_t>(bin)] < need) above += hist[static_cast<size_t>(bin--)];
+  std::vector<int32_t> in_bin;
+  in_bin.reserve(static_cast<size_t>(hist[static_cast<size_t>(bin)]));
+  for (int64_t j = 0; j < n; ++j)
+    if (static_cast<int64_t>((static_cast<uint32_t>(keys[j]) - static_cast<uint32_t>(low)) >> shift) == bin)
+      in_bin.push_back(keys[j]);
+  const int64_t rank = need - above;  // 1-based, largest first, within the bin
+  auto nth = in_bin.begin() + (static_cast<int64_t>(in_bin.size()) - rank);
+  std::nth_element(in_bin.begin(), nth, in_bin.end());
+  return *nth;
+}
+
+}  // namespace
+
+template <typename T>
+int64_t dual_mask(const T* f, const T* r, int64_t n, float eps, uint32_t lo, uint32_t hi, uint8_t* mask,
+                  int64_t* cand_index, int32_t* cand_key, int64_t cand_cap, int64_t* n_cand, int64_t* n_bad,
+                  bool vectorized) {
+  int64_t above = 0, listed = 0;
+  bool full = false;
+  const std::vector<Candidates*> per_thread =
+      mask_pass(f, r, n, eps, lo, hi, mask, cand_cap, vectorized, &above, n_bad, &listed, &full);
+  *n_cand = listed;
+  if (full) return -1;
   int64_t at = 0;
   for (const Candidates* c : per_thread) {  // thread blocks are ordered by index: candidates stay in index order
     if (c == nullptr) continue;
-    for (size_t j = 0; j < c->index.size(); ++j, ++at) {
-      cand_index[at] = c->index[j];
-      cand_key[at] = c->key[j];
-    }
+    std::copy(c->index.data(), c->index.data() + c->count, cand_index + at);
+    std::copy(c->key.data(), c->key.data() + c->count, cand_key + at);
+    at += c->count;
   }
   return above;
+}
+
+template <typename T>
+int64_t dual_mask_collect(const T* f, const T* r, int64_t n, float eps, uint32_t lo, uint32_t hi, uint8_t* mask,
+                          DualCandidates& out, int64_t cap, int64_t* n_bad, bool vectorized) {
+  int64_t above = 0, listed = 0;
+  bool full = false;
+  const std::vector<Candidates*> per_thread =
+      mask_pass(f, r, n, eps, lo, hi, mask, cap - out.count, vectorized, &above, n_bad, &listed, &full);
+  out.layer_begin.push_back(out.count);
+  if (full) return -1;
+  if (out.count + listed > static_cast<int64_t>(out.index.size())) {
+    out.index.resize(static_cast<size_t>(out.count + listed));
+    out.key.resize(static_cast<size_t>(out.count + listed));
+  }
+  for (const Candidates* c : per_thread) {
+    if (c == nullptr) continue;
+    std::copy(c->index.data(), c->index.data() + c->count, out.index.data() + out.count);
+    std::copy(c->key.data(), c->key.data() + c->count, out.key.data() + out.count);
+    out.count += c->count;
+  }
+  return above;
+}
+
+int32_t dual_choose_and_mark(const DualCandidates& c, int64_t need, uint8_t* const* masks) {
+  const int32_t t = nth_largest_key(c.key.data(), c.count, need);
+  int64_t at_t = need;  // how many keys equal to t are chosen: need minus the keys above t
+  for (int64_t j = 0; j < c.count; ++j) at_t -= c.key[static_cast<size_t>(j)] > t;
+  const int64_t layers = static_cast<int64_t>(c.layer_begin.size());
+  for (int64_t l = 0; l < layers; ++l) {
+    const int64_t end = l + 1 < layers ? c.layer_begin[static_cast<size_t>(l + 1)] : c.count;
+    uint8_t* mask = masks[l];
+    for (int64_t j = c.layer_begin[static_cast<size_t>(l)]; j < end; ++j) {
+      const int32_t key = c.key[static_cast<size_t>(j)];
+      if (key > t || (key == t && at_t-- > 0)) mask[c.index[static_cast<size_t>(j)]] = 1;
+    }
+  }
+  return t;
 }
 
 #define ERASUS_INSTANTIATE(T)                                                                                 \
   template int64_t dual_score_histogram<T>(const T*, const T*, int64_t, float, int, uint32_t, int64_t*);      \
   template void dual_sample_keys<T>(const T*, const T*, float, const int64_t*, int64_t, int64_t, int32_t*);     \
   template int64_t dual_mask<T>(const T*, const T*, int64_t, float, uint32_t, uint32_t, uint8_t*, int64_t*,  \
-                                int32_t*, int64_t, int64_t*, int64_t*, bool);
+                                int32_t*, int64_t, int64_t*, int64_t*, bool);                                \
+  template int64_t dual_mask_collect<T>(const T*, const T*, int64_t, float, uint32_t, uint32_t, uint8_t*,       \
+                                        DualCandidates&, int64_t, int64_t*, bool);
 
 ERASUS_INSTANTIATE(float)
 ERASUS_INSTANTIATE(half_bits)

@@ -346,12 +346,26 @@ class _CppKernels:
         return keys
 
     @classmethod
+    def select(cls, forget, retain, eps, lo, hi, k, masks, capacity):
+        """The pass and the resolution in one call over every layer (candidates never leave C++)."""
+        live = [i for i, f in enumerate(forget) if f.numel()]
+        key, _, _, bad = _cpp.call(
+            "dual_select", [_cpp.as_numpy(forget[i]) for i in live], [_cpp.as_numpy(retain[i]) for i in live],
+            [_cpp.elem_name(forget[i].dtype) for i in live], eps, lo, hi, k,
+            [masks[i].view(torch.uint8).numpy() for i in live], capacity, cls.vectorized)
+        return (None if key < 0 else key), bad
+
+    @classmethod
     def mask(cls, f, r, eps, lo, hi, mask, cand_index, cand_key) -> tuple[int, int, int]:
         return _cpp.call("dual_mask", _cpp.as_numpy(f), _cpp.as_numpy(r), _cpp.elem_name(f.dtype), eps, lo, hi,
                          mask.view(torch.uint8).numpy(), cand_index.numpy(), cand_key.numpy(), cls.vectorized)
 
 
 class _TritonKernels:
+    @classmethod
+    def select(cls, forget, retain, eps, lo, hi, k, masks, capacity):
+        return _select_listing(cls, forget, retain, eps, lo, hi, k, masks, capacity)
+
     @staticmethod
     def sample_keys(f, r, eps, starts: torch.Tensor, length: int) -> torch.Tensor:
         # whole blocks as rows of a sliding-window view: a copy of contiguous runs, no index per element
@@ -431,12 +445,12 @@ def _radix_select(kern, forget, retain, names, eps, k, hi_key, masks):
         if n_listed > MAX_CANDIDATES:  # equal scores beyond listing: mask S > t, then the first ties in chunks
             lo, n_listed = hi + 1, 0
 
-    listed, _ = _mask_pass(kern, forget, retain, eps, lo, hi, masks, n_listed)  # the bin's count: always fits
-    need = k - above
     if lo > hi:
-        _mark_first_ties(forget, retain, eps, hi, need, masks)
+        _mask_pass(kern, forget, retain, eps, lo, hi, masks, 0)  # S > t, nothing listed
+        _mark_first_ties(forget, retain, eps, hi, k - above, masks)
         return hi, k
-    return _mark_candidates(listed[1], listed[2], need, masks), k
+    key, _ = kern.select(forget, retain, eps, lo, hi, k, masks, n_listed)  # the bin's count: always fits
+    return key, k
 
 
 def _sampled_bracket(kern, forget, retain, eps, k: int, n_units: int, device):
@@ -492,15 +506,22 @@ def _largest_at(values: np.ndarray, ranks: list[int]) -> list[int]:
 def _select_in_bracket(kern, forget, retain, names, eps, k: int, masks, lo: int, hi: int, capacity: int):
     """One mask pass with the bracket [lo, hi]; ``(threshold key, k)`` when it holds the k-th largest key (the
     masks are then final), else None (the masks must be rewritten)."""
-    listed, bad = _mask_pass(kern, forget, retain, eps, lo, hi, masks, capacity)
+    key, bad = kern.select(forget, retain, eps, lo, hi, k, masks, capacity)
     if bad:
         _raise_for_bad(forget, retain, names)
-    if listed is None:  # more candidates than listed: the bracket is too wide
-        return None
+    return None if key is None else (key, k)
+
+
+def _select_listing(kern, forget, retain, eps, lo: int, hi: int, k: int, masks, capacity: int):
+    """``kern.select`` from the kernel's mask pass: list the candidates, then choose and mark them here
+    (``(threshold key | None, invalid units)``, as the C++ kernel's fused selection returns)."""
+    listed, bad = _mask_pass(kern, forget, retain, eps, lo, hi, masks, capacity)
+    if bad or listed is None:  # invalid units, or more candidates than listed: the bracket is too wide
+        return None, bad
     above, positions, keys = listed
     if not above < k <= above + positions.numel():  # the k-th largest key is outside [lo, hi]
-        return None
-    return _mark_candidates(positions, keys, k - above, masks), k
+        return None, bad
+    return _mark_candidates(positions, keys, k - above, masks), bad
 
 
 def _mask_pass(kern, forget, retain, eps, lo: int, hi: int, masks, capacity: int):

@@ -299,9 +299,12 @@ def test_cpp_binding_checks_its_arrays():
         _cpp.call("dual_score_histogram", f.double().numpy(), f.numpy(), "float32", 1.0, 0, 0,
                   torch.zeros(32768, dtype=torch.int64).numpy())
     small = torch.empty(1, dtype=torch.int64), torch.empty(1, dtype=torch.int32)
-    # every key is a candidate, more than the buffers hold: above = -1 and the count, nothing listed
-    assert _cpp.call("dual_mask", f.numpy(), f.numpy(), "float32", 1.0, 0, 0x7F7FFFFF,
-                     torch.empty(5, dtype=torch.uint8).numpy(), small[0].numpy(), small[1].numpy()) == (-1, 5, 0)
+    # every key is a candidate, more than the buffers hold: above = -1, a count beyond the capacity (the pass
+    # stops listing there), nothing written to the buffers
+    small[0].fill_(-7), small[1].fill_(-7)
+    above, listed, bad = _cpp.call("dual_mask", f.numpy(), f.numpy(), "float32", 1.0, 0, 0x7F7FFFFF,
+                                   torch.empty(5, dtype=torch.uint8).numpy(), small[0].numpy(), small[1].numpy())
+    assert (above, bad) == (-1, 0) and 1 < listed <= 5 and int(small[0]) == int(small[1]) == -7
 
 
 def _binding_mask(f, r, lo, hi, vectorized, offset):
@@ -430,3 +433,43 @@ def test_largest_at_equals_a_sort_with_and_without_its_shortcut():
         ranked = np.sort(values)[::-1]
         for ranks in ([0], [10, 299], [values.size - 1], [values.size // 2, 5]):
             assert ds._largest_at(values.copy(), ranks) == [int(ranked[r]) for r in ranks], (values.size, ranks)
+
+
+@pytest.mark.skipif("cpp" not in backends_for(BACKENDS), reason="compiled extension not built")
+def test_cpp_one_call_selection_equals_listing_and_marking_in_python():
+    """The C++ selection (mask pass, candidates and their resolution in one call over every layer) against the
+    same pass with the candidates listed and chosen in Python: the same threshold key and masks, or both
+    unresolved, for brackets that hold the k-th key, miss it on either side, list more than the capacity, span
+    the whole key range (a wide histogram of candidate keys) or one key (ties); layers of mixed dtypes, empty
+    ones among them."""
+    eps = float(np.float32(EPS))  # the float32 eps the op passes to its kernels
+    resolved = {True: 0, False: 0}
+    sizes, dtypes = [(0,), (1,), (1031,), (257, 3), (5003,)], [torch.float32, torch.float16, torch.float32,
+                                                              torch.bfloat16, torch.float32]
+    for tie in (None, 1.5):
+        forget, retain = layers(sizes, torch.float64, seed=7, tie_value=tie)
+        forget = [f.to(dt).reshape(-1) for f, dt in zip(forget, dtypes)]
+        retain = [r.to(dt).reshape(-1) for r, dt in zip(retain, dtypes)]
+        keys = torch.cat([ds._keys(f, r, eps) for f, r in zip(forget, retain)]).sort(descending=True).values
+        n = keys.numel()
+        for k in (1, 2, 17, n // 3, n - 1, n):
+            brackets = [(0, ds.INF_KEY), (int(keys[k - 1]), int(keys[k - 1]))]
+            for wide in (3, 40, 700):
+                brackets.append((int(keys[min(n - 1, k - 1 + wide)]), int(keys[max(0, k - 1 - wide)])))
+            brackets += [(int(keys[max(0, k - 3)]), ds.INF_KEY), (0, int(keys[min(n - 1, k)])) if k < n else (0, 0)]
+            brackets.append((int(keys[k - 1]) + 1, int(keys[k - 1]) + 5))  # above the k-th key: a miss
+            for lo, hi in brackets:
+                for cap in (n, 50, 1):
+                    got = [torch.zeros(f.numel(), dtype=torch.bool) for f in forget]
+                    want = [torch.zeros(f.numel(), dtype=torch.bool) for f in forget]
+                    key_c, bad_c = ds._CppKernels.select(forget, retain, eps, lo, hi, k, got, cap)
+                    key_p, bad_p = ds._select_listing(ds._CppKernels, forget, retain, eps, lo, hi, k, want, cap)
+                    context = (tie, k, hex(lo), hex(hi), cap)
+                    assert (key_c, bad_c) == (key_p, bad_p), context
+                    resolved[key_c is not None] += 1
+                    if key_c is not None:
+                        assert all(torch.equal(a, b) for a, b in zip(got, want)), context
+                        assert sum(int(m.sum()) for m in got) == k and key_c == int(keys[k - 1]), context
+    assert resolved[True] > 50 and resolved[False] > 50, resolved
+    with pytest.raises(errors.ShapeError, match="k must be at least 1"):
+        ds._CppKernels.select(forget, retain, eps, 0, 1, 0, want, 10)
