@@ -1,5 +1,8 @@
 """erasus.distributed on 2 gloo processes (CPU): sharded scoring and distributed k-center / herding equal the
 single-process ops. Process start-up dominates, so each spawn runs a whole battery of checks."""
+import faulthandler
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -18,12 +21,15 @@ WORLD = 2
 
 
 def _entry(rank, worker, init_method, args):
+    faulthandler.enable(all_threads=True)  # an abort in a worker prints every thread's Python stack (CI diagnosis)
     torch.set_num_threads(1)  # 2 processes on 2 cores; and every rank scores with the threads of the oracle
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)
     try:
         worker(rank, *args)
+        print(f"[rank {rank}] worker body finished", file=sys.stderr, flush=True)
     finally:
         dist.destroy_process_group()
+    print(f"[rank {rank}] process group destroyed", file=sys.stderr, flush=True)
 
 
 def _spawn(worker, tmp_path, *args):
