@@ -181,15 +181,37 @@ ERASUS_TARGET_AVX2 inline float avx2_distance(const T* row, __m256 vscale, float
   return acc;
 }
 
+// Rows are prefetched about this many bytes ahead of the one being read. The hardware prefetcher alone kept
+// too few misses in flight per core to stream 16-bit rows (an fp16 step ran at 10 GB/s where float32 reached
+// 15.5), and it cannot follow the row list across rows the pruning skips.
+constexpr int64_t kPrefetchBytes = 4096;
+
+template <typename T>
+ERASUS_TARGET_AVX2 inline void prefetch_row(const T* row, int64_t bytes) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
+template <bool kScaled, typename T>
+ERASUS_TARGET_AVX2 void avx2_distances_of(const T* x, int64_t d, __m256 vscale, float scale, const float* centre,
+                                          const int64_t* rows, int64_t count, float* out) {
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
+  const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / std::max<int64_t>(row_bytes, 1));
+  for (int64_t i = 0; i < std::min(ahead, count); ++i) prefetch_row(x + rows[i] * d, row_bytes);
+  for (int64_t i = 0; i < count; ++i) {
+    if (i + ahead < count) prefetch_row(x + rows[i + ahead] * d, row_bytes);
+    out[i] = avx2_distance<kScaled>(x + rows[i] * d, vscale, scale, centre, d);
+  }
+}
+
 template <typename T>
 ERASUS_TARGET_AVX2 void avx2_distances(const T* x, int64_t d, float scale, const float* centre,
                                        const int64_t* rows, int64_t count, float* out) {
   const __m256 vscale = _mm256_set1_ps(scale);
-  if (scale == 1.f) {  // the common case: no multiply in the hot loop
-    for (int64_t i = 0; i < count; ++i) out[i] = avx2_distance<false>(x + rows[i] * d, vscale, scale, centre, d);
-  } else {
-    for (int64_t i = 0; i < count; ++i) out[i] = avx2_distance<true>(x + rows[i] * d, vscale, scale, centre, d);
-  }
+  if (scale == 1.f)  // the common case: no multiply in the hot loop
+    avx2_distances_of<false>(x, d, vscale, scale, centre, rows, count, out);
+  else
+    avx2_distances_of<true>(x, d, vscale, scale, centre, rows, count, out);
 }
 
 bool cpu_has_avx2_fma_f16c() {

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
 import torch
 
 from erasus.errors import DTypeError, EmptyInputError, InvalidInputError, NonFiniteError, ShapeError
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: checks of tensors up to this many bytes run in numpy on the calling thread (see _magnitude_bits)
+_SMALL_BYTES = 1 << 20
 
 
 def check_matrix(x, name: str = "x") -> torch.Tensor:
@@ -32,6 +35,10 @@ def all_finite(x: torch.Tensor) -> bool:
     propagates through both); a sum would overflow for large finite values and report them as infinite."""
     if x.numel() == 0:
         return True
+    small = _magnitude_bits(x)
+    if small is not None:
+        bits, exponent_all_ones = small
+        return bits < exponent_all_ones
     low, high = torch.aminmax(x.detach())
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
@@ -40,8 +47,31 @@ def max_abs(x: torch.Tensor) -> float:
     """The largest |element| of a finite tensor (0 for an empty one), in one pass and without a copy."""
     if x.numel() == 0:
         return 0.0
+    small = _magnitude_bits(x)
+    if small is not None:
+        return float(torch.tensor(small[0], dtype=_UINT_OF[x.dtype][2]).view(x.dtype))
     low, high = torch.aminmax(x.detach())
     return max(-float(low), float(high))
+
+
+# dtype -> (unsigned numpy view, its bits with the sign cleared, the signed torch dtype of the same width,
+# the smallest magnitude bits of inf / NaN: the exponent all ones)
+_UINT_OF = {torch.float32: (np.uint32, 0x7FFFFFFF, torch.int32, 0x7F800000),
+            torch.float16: (np.uint16, 0x7FFF, torch.int16, 0x7C00),
+            torch.bfloat16: (np.uint16, 0x7FFF, torch.int16, 0x7F80)}
+
+
+def _magnitude_bits(x: torch.Tensor):
+    """For a small CPU float tensor: (largest magnitude bits, the bits where inf / NaN start), from numpy on the
+    calling thread; None otherwise. Sign-cleared float bits order like the magnitudes, NaN and inf above every
+    finite value. Why not torch.aminmax: on a busy machine its parallel region waits for parked threads (a
+    1 MB reduction took 7.9 ms on 2 threads against 0.08 ms on one), and changing torch's thread count is not
+    an option here (these checks run inside backward hooks; see erasus/ops/_threads.py)."""
+    if x.device.type != "cpu" or x.dtype not in _UINT_OF or x.numel() * x.element_size() > _SMALL_BYTES:
+        return None
+    unsigned, magnitude, signed, top = _UINT_OF[x.dtype]
+    bits = x.detach().reshape(-1).view(signed).numpy().view(unsigned)
+    return int(np.bitwise_and(bits, magnitude).max()), top
 
 
 def check_k(k, n: int, name: str = "k") -> int:

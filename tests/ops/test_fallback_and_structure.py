@@ -2,6 +2,7 @@
 of layer rules (a rule registered once serves norms and Fisher; optional libraries registered lazily), one table
 per op, and no import circle anywhere in erasus/."""
 import ast
+import math
 import subprocess
 import sys
 import warnings
@@ -196,3 +197,22 @@ def test_no_import_circle_in_erasus():
         if module not in state:
             visit(module, [module])
     assert "erasus.ops.layers.linear" in graph and graph["erasus.ops.layers.linear"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("numel", [1, 37, (1 << 20) // 2 + 1])  # the last: over 1 MiB in 16-bit (torch path)
+def test_finiteness_and_largest_magnitude_agree_with_torch_on_every_path(dtype, numel):
+    """all_finite / max_abs read small CPU tensors as sign-cleared bits in numpy (no torch thread pool), larger
+    ones through torch.aminmax: the same answers, NaN / +-inf anywhere, strided and grad-carrying inputs."""
+    from erasus.ops._validate import all_finite, max_abs
+
+    g = torch.Generator().manual_seed(numel)
+    x = (torch.randn(numel, generator=g) * 100).to(dtype)
+    assert all_finite(x) and max_abs(x) == float(x.abs().max())
+    assert max_abs(-x) == max_abs(x)
+    for bad in (math.nan, math.inf, -math.inf):
+        y = x.clone()
+        y[numel // 2] = bad
+        assert not all_finite(y), bad
+    grad = torch.randn(2 * numel + 1, generator=g, requires_grad=True).to(dtype)[::2]  # strided, autograd
+    assert all_finite(grad) and max_abs(grad) == float(grad.detach().abs().max())
