@@ -1,6 +1,7 @@
 """erasus.distributed on 2 gloo processes (CPU): sharded scoring and distributed k-center / herding equal the
 single-process ops. Process start-up dominates, so each spawn runs a whole battery of checks."""
 import faulthandler
+import pathlib
 import sys
 
 import pytest
@@ -20,16 +21,34 @@ from erasus.selectors.gradient import default_loss
 WORLD = 2
 
 
+def _gloo_threads() -> list[str]:
+    """Names of this process's gloo threads (read from /proc on Linux; elsewhere none are listed)."""
+    tasks = pathlib.Path("/proc/self/task")
+    names = []
+    for task in tasks.iterdir() if tasks.is_dir() else ():
+        try:
+            name = (task / "comm").read_text().strip()
+        except OSError:  # the thread ended while we listed it
+            continue
+        if "gloo" in name:
+            names.append(name)
+    return names
+
+
 def _entry(rank, worker, init_method, args):
     faulthandler.enable(all_threads=True)  # an abort in a worker prints every thread's Python stack (CI diagnosis)
     torch.set_num_threads(1)  # 2 processes on 2 cores; and every rank scores with the threads of the oracle
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)
     try:
         worker(rank, *args)
-        print(f"[rank {rank}] worker body finished", file=sys.stderr, flush=True)
+        print(f"[rank {rank}] worker body passed", file=sys.stderr, flush=True)  # shown if the test fails
     finally:
         dist.destroy_process_group()
-    print(f"[rank {rank}] process group destroyed", file=sys.stderr, flush=True)
+    # A process group that outlives destroy_process_group (something still holds it) keeps its threads, and one
+    # that drops a collective's tensors while the interpreter shuts down aborts the process ("terminate called
+    # without an active exception"; see the note in erasus/distributed.py): fail here, every time, instead.
+    left = _gloo_threads()
+    assert not left, f"rank {rank}: gloo threads {left} outlived destroy_process_group"
 
 
 def _spawn(worker, tmp_path, *args):
