@@ -47,22 +47,13 @@ from erasus import ops
 from erasus._device import model_device, to_device
 from erasus.errors import (BackendUnavailableError, DTypeError, EmptyInputError, ErasusError, InvalidInputError,
                            NonFiniteError, ShapeError)
+import erasus._process_group_guard  # noqa: F401  (before any process group: see that module)
 from erasus.ops._magnitude import coreset_exponent
 from erasus.ops._validate import FLOAT_DTYPES, all_finite, check_indices, check_k, max_abs
 from erasus.ops.fisher import MODES as FISHER_MODES
 from erasus.ops.kcenter import METRICS, KCenterResult, _unit_rows
 from erasus.selectors.features import check_feature_source, collate_of, extract_features, sample_count
 from erasus.selectors.gradient import default_loss
-
-# torch.distributed.nn.functional binds ``group.WORLD`` into its functions' default arguments when it is first
-# imported. Imported after init_process_group (transformers' model modules import it, through torch._dynamo),
-# it keeps the default ProcessGroupGloo alive past destroy_process_group, so its worker threads are never joined
-# and one may still drop a finished collective's tensors while the interpreter shuts down: taking the GIL there
-# ends the thread inside a noexcept destructor and aborts the process ("terminate called without an active
-# exception"). Imported here, before any group exists, the defaults are None. Never imported once a group
-# exists: that would capture it.
-if dist.is_available() and not dist.is_initialized():
-    import torch.distributed.nn  # noqa: F401
 
 
 class RankFailedError(ErasusError, RuntimeError):

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+import erasus._process_group_guard  # noqa: F401  (before accelerate makes a process group: see that module)
 from erasus.errors import BackendUnavailableError, InvalidInputError
 
 # accelerate's distributed types that run the loop as plain data parallelism (replicas, or FSDP2's shards)
