@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cfloat>
+#include <climits>
 #include <vector>
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -235,11 +236,14 @@ ERASUS_AVX2 inline __m256 load8(const bf16_bits* p) {
 // The mask pass in one fused 256-bit loop, 32 elements per iteration: score (the same IEEE division as the
 // portable path, so the same keys), compare as signed 32-bit lanes (keys have the sign bit clear; lo and hi are
 // clamped into that range with the same meaning), pack the 32 compare lanes into 32 mask bytes with two pack
-// instructions, and list candidates from a movemask, so the common iteration (no candidate) has no branch on
-// data. Elements before the first 32-byte-aligned mask address and the tail run through scalar code.
-template <typename T>
-ERASUS_AVX2 void mask_block_avx2(const T* f, const T* r, int64_t begin, int64_t end, float eps, uint32_t lo,
-                                 uint32_t hi, uint8_t* mask, Candidates& mine, bool stream) {
+// instructions; one test of the OR of the bracket compares skips the common iteration (no candidate), and the
+// rare one lists its candidates from movemasks. Elements before the first 32-byte-aligned mask address and the
+// tail run through scalar code.
+// kList: some keys can be inside the bracket (lo <= hi); kStream: non-temporal mask stores. Both are template
+// arguments so that the hot loop tests neither.
+template <bool kList, bool kStream, typename T>
+ERASUS_AVX2 void mask_block_avx2_loop(const T* f, const T* r, int64_t begin, int64_t end, float eps, uint32_t lo,
+                                      uint32_t hi, uint8_t* mask, Candidates& mine) {
   const int32_t hi_s = hi > 0x7fffffffu ? 0x7fffffff : static_cast<int32_t>(hi);
   const bool none_inside = lo > hi || lo > 0x7fffffffu;
   const int32_t lo_s = none_inside ? 0x7fffffff : static_cast<int32_t>(lo);
@@ -254,60 +258,83 @@ ERASUS_AVX2 void mask_block_avx2(const T* f, const T* r, int64_t begin, int64_t 
   };
   int64_t i = begin;
   while (i < end && (reinterpret_cast<uintptr_t>(mask + i) & 31u)) scalar(i++);
-  const __m256 veps = _mm256_set1_ps(eps), vmax = _mm256_set1_ps(FLT_MAX), zero = _mm256_setzero_ps();
+  const __m256 veps = _mm256_set1_ps(eps);
   const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), vhi = _mm256_set1_epi32(hi_s);
   const __m256i vlo_minus_1 = _mm256_set1_epi32(lo_s - 1);  // lo_s >= 0, so no overflow
   const __m256i byte_one = _mm256_set1_epi8(1), lane_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  alignas(32) int32_t keys[32];
+  // Validity in two integer ops per 8 elements: the raw bits of every valid value (+0 up to FLT_MAX) are at
+  // most 0x7F7FFFFF as unsigned, while negatives, infinities and NaN lie above. The running unsigned maximum of
+  // an iteration's bits is compared once (with the sign flipped, as signed); -0.0, valid but above, sends the
+  // iteration through the exact scalar count like any suspect one.
+  const __m256i flip = _mm256_set1_epi32(INT32_MIN), largest_valid = _mm256_set1_epi32(0x7F7FFFFF ^ INT32_MIN);
+  auto key8 = [&](int64_t at) {  // the keys of the 8 elements at `at`
+    const __m256 fv = load8(f + at), rv = load8(r + at);
+    return _mm256_and_si256(_mm256_castps_si256(_mm256_div_ps(fv, _mm256_add_ps(rv, veps))), abs_mask);
+  };
+  // Few registers live across an iteration (GCC spilled the keys and compares of all four quarters otherwise):
+  // the compares are packed a pair at a time, and the rare listing recomputes its keys.
   for (; i + 32 <= end; i += 32) {
-    __m256i over[4];
-    __m256 invalid = _mm256_setzero_ps();
-    uint32_t listed = 0;
-    for (int q = 0; q < 4; ++q) {
-      const __m256 fv = load8(f + i + 8 * q), rv = load8(r + i + 8 * q);
-      // ordered compares: false for NaN, so NaN and +-inf (and negatives) are invalid
-      const __m256 ok = _mm256_and_ps(
-          _mm256_and_ps(_mm256_cmp_ps(fv, zero, _CMP_GE_OQ), _mm256_cmp_ps(fv, vmax, _CMP_LE_OQ)),
-          _mm256_and_ps(_mm256_cmp_ps(rv, zero, _CMP_GE_OQ), _mm256_cmp_ps(rv, vmax, _CMP_LE_OQ)));
-      invalid = _mm256_or_ps(invalid, _mm256_xor_ps(ok, _mm256_castsi256_ps(_mm256_set1_epi32(-1))));
-      const __m256i key =
-          _mm256_and_si256(_mm256_castps_si256(_mm256_div_ps(fv, _mm256_add_ps(rv, veps))), abs_mask);
-      over[q] = _mm256_cmpgt_epi32(key, vhi);
-      if (!none_inside) {
-        const __m256i in = _mm256_andnot_si256(over[q], _mm256_cmpgt_epi32(key, vlo_minus_1));
-        listed |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(in))) << (8 * q);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(keys + 8 * q), key);
+    __m256i seen = _mm256_setzero_si256(), any = _mm256_setzero_si256(), pair[2];
+    for (int h = 0; h < 2; ++h) {
+      __m256i over[2];
+      for (int q = 0; q < 2; ++q) {
+        const int64_t at = i + 16 * h + 8 * q;
+        const __m256 fv = load8(f + at), rv = load8(r + at);
+        seen = _mm256_max_epu32(seen, _mm256_max_epu32(_mm256_castps_si256(fv), _mm256_castps_si256(rv)));
+        const __m256i key =
+            _mm256_and_si256(_mm256_castps_si256(_mm256_div_ps(fv, _mm256_add_ps(rv, veps))), abs_mask);
+        over[q] = _mm256_cmpgt_epi32(key, vhi);
+        if (kList) any = _mm256_or_si256(any, _mm256_andnot_si256(over[q], _mm256_cmpgt_epi32(key, vlo_minus_1)));
       }
+      pair[h] = _mm256_packs_epi32(over[0], over[1]);
     }
-    if (_mm256_movemask_ps(invalid))  // rare (the call then fails): count them exactly
+    const __m256i suspect = _mm256_cmpgt_epi32(_mm256_xor_si256(seen, flip), largest_valid);
+    if (!_mm256_testz_si256(suspect, suspect))  // rare (the call then fails): count them exactly
       for (int j = 0; j < 32; ++j) bad += !(valid(to_float(f[i + j])) && valid(to_float(r[i + j])));
     // 4 x 8 lanes of 0 / -1 -> 32 bytes; the packs work within 128-bit halves, the permute restores the order
-    __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(over[0], over[1]), _mm256_packs_epi32(over[2], over[3]));
-    bytes = _mm256_permutevar8x32_epi32(bytes, lane_order);
+    __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(pair[0], pair[1]), lane_order);
     above += __builtin_popcount(static_cast<uint32_t>(_mm256_movemask_epi8(bytes)));
     bytes = _mm256_and_si256(bytes, byte_one);
-    if (stream)
+    if (kStream)
       _mm256_stream_si256(reinterpret_cast<__m256i*>(mask + i), bytes);
     else
       _mm256_store_si256(reinterpret_cast<__m256i*>(mask + i), bytes);
-    if (listed && mine.room(32)) {  // candidates in index order, through raw pointers (no per-candidate check)
-      int64_t* out_index = mine.index.data();
-      int32_t* out_key = mine.key.data();
-      int64_t c = mine.count;
-      while (listed) {
-        const int j = __builtin_ctz(listed);
-        listed &= listed - 1;
-        out_index[c] = i + j;
-        out_key[c] = keys[j];
-        ++c;
-      }
-      mine.count = c;
+    if (!kList || _mm256_testz_si256(any, any) || !mine.room(32)) continue;  // most iterations list nothing
+    // candidates in index order, through raw pointers (no per-candidate check)
+    alignas(32) int32_t keys[32];
+    uint32_t listed = 0;
+    for (int q = 0; q < 4; ++q) {
+      const __m256i key = key8(i + 8 * q);
+      const __m256i in = _mm256_andnot_si256(_mm256_cmpgt_epi32(key, vhi), _mm256_cmpgt_epi32(key, vlo_minus_1));
+      listed |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(in))) << (8 * q);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(keys + 8 * q), key);
     }
+    int64_t* out_index = mine.index.data();
+    int32_t* out_key = mine.key.data();
+    int64_t c = mine.count;
+    while (listed) {
+      const int j = __builtin_ctz(listed);
+      listed &= listed - 1;
+      out_index[c] = i + j;
+      out_key[c] = keys[j];
+      ++c;
+    }
+    mine.count = c;
   }
   for (; i < end; ++i) scalar(i);
-  if (stream) _mm_sfence();  // the streamed mask is visible before the pass returns
+  if (kStream) _mm_sfence();  // the streamed mask is visible before the pass returns
   mine.above = above;
   mine.bad = bad;
+}
+
+template <typename T>
+void mask_block_avx2(const T* f, const T* r, int64_t begin, int64_t end, float eps, uint32_t lo, uint32_t hi,
+                     uint8_t* mask, Candidates& mine, bool stream) {
+  const bool list = !(lo > hi || lo > 0x7fffffffu);
+  if (list && stream) return mask_block_avx2_loop<true, true>(f, r, begin, end, eps, lo, hi, mask, mine);
+  if (list) return mask_block_avx2_loop<true, false>(f, r, begin, end, eps, lo, hi, mask, mine);
+  if (stream) return mask_block_avx2_loop<false, true>(f, r, begin, end, eps, lo, hi, mask, mine);
+  mask_block_avx2_loop<false, false>(f, r, begin, end, eps, lo, hi, mask, mine);
 }
 #endif
 
@@ -359,9 +386,10 @@ std::vector<Candidates*> mask_pass(const T* f, const T* r, int64_t n, float eps,
   return per_thread;
 }
 
-// The need-th largest of keys[0, n) (1 <= need <= n; keys >= 0): a 4096-bin histogram of the keys' top bits
-// over their range (small enough to stay in L1), then a selection among the keys of the one bin that holds it.
-int32_t nth_largest_key(const int32_t* keys, int64_t n, int64_t need) {
+// The need-th largest of keys[0, n) (1 <= need <= n; keys >= 0), and in *n_above how many keys exceed it: a
+// 4096-bin histogram of the keys' top bits over their range (small enough to stay in L1), then a selection among
+// the keys of the one bin that holds it.
+int32_t nth_largest_key(const int32_t* keys, int64_t n, int64_t need, int64_t* n_above) {
   int32_t low = keys[0], high = keys[0];
   for (int64_t j = 1; j < n; ++j) {
     low = std::min(low, keys[j]);
@@ -371,18 +399,21 @@ int32_t nth_largest_key(const int32_t* keys, int64_t n, int64_t need) {
   int shift = 0;
   while ((range >> shift) >= 4096u) ++shift;
   std::vector<int64_t> hist(static_cast<size_t>((range >> shift) + 1), 0);
-  for (int64_t j = 0; j < n; ++j) ++hist[(static_cast<uint32_t>(keys[j]) - static_cast<uint32_t>(low)) >> shift];
+  auto bin_of = [&](int32_t k) { return static_cast<int64_t>((static_cast<uint32_t>(k) - static_cast<uint32_t>(low)) >> shift); };
+  for (int64_t j = 0; j < n; ++j) ++hist[static_cast<size_t>(bin_of(keys[j]))];
   int64_t bin = static_cast<int64_t>(hist.size()) - 1, above = 0;
   while (above + hist[static_cast<size_t>(bin)] < need) above += hist[static_cast<size_t>(bin--)];
   std::vector<int32_t> in_bin;
   in_bin.reserve(static_cast<size_t>(hist[static_cast<size_t>(bin)]));
   for (int64_t j = 0; j < n; ++j)
-    if (static_cast<int64_t>((static_cast<uint32_t>(keys[j]) - static_cast<uint32_t>(low)) >> shift) == bin)
-      in_bin.push_back(keys[j]);
+    if (bin_of(keys[j]) == bin) in_bin.push_back(keys[j]);
   const int64_t rank = need - above;  // 1-based, largest first, within the bin
   auto nth = in_bin.begin() + (static_cast<int64_t>(in_bin.size()) - rank);
   std::nth_element(in_bin.begin(), nth, in_bin.end());
-  return *nth;
+  const int32_t t = *nth;
+  for (auto it = nth + 1; it != in_bin.end(); ++it) above += *it > t;  // those after nth are >= t
+  *n_above = above;
+  return t;
 }
 
 }  // namespace
@@ -430,18 +461,35 @@ int64_t dual_mask_collect(const T* f, const T* r, int64_t n, float eps, uint32_t
 }
 
 int32_t dual_choose_and_mark(const DualCandidates& c, int64_t need, uint8_t* const* masks) {
-  const int32_t t = nth_largest_key(c.key.data(), c.count, need);
-  int64_t at_t = need;  // how many keys equal to t are chosen: need minus the keys above t
-  for (int64_t j = 0; j < c.count; ++j) at_t -= c.key[static_cast<size_t>(j)] > t;
-  const int64_t layers = static_cast<int64_t>(c.layer_begin.size());
-  for (int64_t l = 0; l < layers; ++l) {
-    const int64_t end = l + 1 < layers ? c.layer_begin[static_cast<size_t>(l + 1)] : c.count;
-    uint8_t* mask = masks[l];
-    for (int64_t j = c.layer_begin[static_cast<size_t>(l)]; j < end; ++j) {
-      const int32_t key = c.key[static_cast<size_t>(j)];
-      if (key > t || (key == t && at_t-- > 0)) mask[c.index[static_cast<size_t>(j)]] = 1;
+  int64_t n_above = 0;
+  const int32_t t = nth_largest_key(c.key.data(), c.count, need, &n_above);
+  const int64_t* index = c.index.data();
+  const int32_t* key = c.key.data();
+  const std::vector<int64_t>& starts = c.layer_begin;
+  // The layer of candidate j: the last layer starting at or before j (an empty layer shares its start with the
+  // next one, which holds the candidates).
+  auto layer_of = [&](int64_t j) {
+    return static_cast<size_t>(std::upper_bound(starts.begin(), starts.end(), j) - starts.begin() - 1);
+  };
+  // Keys above t on OpenMP's threads (disjoint mask bytes). Each write misses the cache (the pass streamed the
+  // mask out of it), so the line of the write 16 candidates ahead is prefetched.
+  parallel_blocks(c.count, [&](int64_t begin, int64_t end, int) {
+    if (begin >= end) return;
+    size_t l = layer_of(begin);
+    int64_t layer_end = l + 1 < starts.size() ? starts[l + 1] : c.count;
+    for (int64_t j = begin; j < end; ++j) {
+      while (j >= layer_end) layer_end = ++l + 1 < starts.size() ? starts[l + 1] : c.count;
+      if (j + 16 < layer_end) __builtin_prefetch(masks[l] + index[j + 16], 1);
+      if (key[j] > t) masks[l][index[j]] = 1;
     }
-  }
+  });
+  // The first need - n_above keys equal to t, in position order, on this thread (usually one or a few).
+  int64_t ties = need - n_above;
+  for (int64_t j = 0; j < c.count && ties > 0; ++j)
+    if (key[j] == t) {
+      masks[layer_of(j)][index[j]] = 1;
+      --ties;
+    }
   return t;
 }
 
