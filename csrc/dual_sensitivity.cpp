@@ -217,6 +217,7 @@ void mask_block_portable(const T* f, const T* r, int64_t begin, int64_t end, flo
 // Layers at least this long get their mask written with non-temporal stores: the mask is not read again soon,
 // and a streaming store skips the read-for-ownership an ordinary store of a line not in cache pays.
 constexpr int64_t kStreamMaskFrom = int64_t{1} << 22;
+constexpr int64_t kPrefetchBytes = 8192;
 
 bool cpu_has_vector_mask() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
@@ -273,7 +274,18 @@ ERASUS_AVX2 void mask_block_avx2_loop(const T* f, const T* r, int64_t begin, int
   };
   // Few registers live across an iteration (GCC spilled the keys and compares of all four quarters otherwise):
   // the compares are packed a pair at a time, and the rare listing recomputes its keys.
+  // f and r are prefetched kPrefetchBytes ahead: with the hardware prefetcher alone the pass took 1.5-2.5 ms
+  // longer at 50M units (20.6-21.7 -> 18.0-19.0 ms without candidates; 1024-4096 floats ahead all did as well).
+  constexpr int64_t ahead = kPrefetchBytes / static_cast<int64_t>(sizeof(T));
   for (; i + 32 <= end; i += 32) {
+    if (i + ahead + 32 <= end) {
+      const char* pf = reinterpret_cast<const char*>(f + i + ahead);
+      const char* pr = reinterpret_cast<const char*>(r + i + ahead);
+      for (int64_t b = 0; b < 32 * static_cast<int64_t>(sizeof(T)); b += 64) {
+        _mm_prefetch(pf + b, _MM_HINT_T0);
+        _mm_prefetch(pr + b, _MM_HINT_T0);
+      }
+    }
     __m256i seen = _mm256_setzero_si256(), any = _mm256_setzero_si256(), pair[2];
     for (int h = 0; h < 2; ++h) {
       __m256i over[2];
