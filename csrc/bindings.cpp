@@ -341,6 +341,73 @@ py::tuple dual_select(const py::list& fs, const py::list& rs, const py::list& el
   return py::make_tuple(key, above, listed, bad);
 }
 
+// The keys of the sampled blocks of every layer (starts[l]: layer l's block starts, blocks[l] long), and the
+// keys at the given 0-based ranks among them, largest first: the order statistics a sampled bracket needs,
+// without the sample leaving C++.
+py::list dual_sample_ranks(const py::list& fs, const py::list& rs, const py::list& elems, double eps,
+                           const py::list& starts, const py::list& blocks, const py::array& ranks) {
+  check_eps(eps);
+  const size_t layers = fs.size();
+  if (rs.size() != layers || elems.size() != layers || starts.size() != layers || blocks.size() != layers)
+    throw ArrayShapeError("imp_forget, imp_retain, elems, starts and blocks must have one entry per layer");
+  const int64_t n_ranks = ranks.ndim() == 1 ? ranks.shape(0) : -1;
+  if (n_ranks < 0) throw ArrayShapeError("ranks must be 1-D");
+  check_vector<int64_t>(ranks, "ranks", n_ranks, false);
+  struct Layer {
+    const void* f;
+    const void* r;
+    Elem elem;
+    const int64_t* starts;
+    int64_t n_blocks, block;
+  };
+  std::vector<Layer> layer(layers);
+  int64_t total = 0;
+  for (size_t l = 0; l < layers; ++l) {
+    for (const py::handle h : {fs[l], rs[l], starts[l]})
+      if (!py::isinstance<py::array>(h)) throw ArrayDTypeError("every layer's arrays must be numpy arrays");
+    const auto f = py::reinterpret_borrow<py::array>(fs[l]);
+    const auto r = py::reinterpret_borrow<py::array>(rs[l]);
+    const auto s = py::reinterpret_borrow<py::array>(starts[l]);
+    const Elem elem = parse_elem(elems[l].cast<std::string>());
+    const int64_t n = check_importance_pair(f, r, elem);
+    const int64_t block = blocks[l].cast<int64_t>();
+    const int64_t n_blocks = s.ndim() == 1 ? s.shape(0) : -1;
+    if (n_blocks < 0) throw ArrayShapeError("starts must be 1-D");
+    check_vector<int64_t>(s, "starts", n_blocks, false);
+    if (block < 1 || block > n) throw ArrayShapeError("block must lie in [1, n], got " + std::to_string(block));
+    const auto* start_ptr = static_cast<const int64_t*>(s.data());
+    for (int64_t b = 0; b < n_blocks; ++b)
+      if (start_ptr[b] < 0 || start_ptr[b] > n - block)
+        throw ArrayShapeError("a block start puts its block outside its layer");
+    layer[l] = Layer{f.data(), r.data(), elem, start_ptr, n_blocks, block};
+    total += n_blocks * block;
+  }
+  const auto* rank_ptr = static_cast<const int64_t*>(ranks.data());
+  for (int64_t q = 0; q < n_ranks; ++q)
+    if (rank_ptr[q] < 0 || rank_ptr[q] >= total)
+      throw ArrayShapeError("ranks must lie in [0, number of sampled keys)");
+  std::vector<int32_t> out(static_cast<size_t>(n_ranks));
+  {
+    py::gil_scoped_release release;
+    static thread_local std::vector<int32_t> keys;  // capacity kept between calls
+    keys.resize(static_cast<size_t>(total));
+    int64_t at = 0;
+    for (const Layer& L : layer) {
+      dispatch(L.elem, [&](auto* tag) {
+        using Ptr = decltype(tag);
+        erasus::dual_sample_keys(static_cast<Ptr>(L.f), static_cast<Ptr>(L.r), static_cast<float>(eps), L.starts,
+                                 L.n_blocks, L.block, keys.data() + at);
+        return 0;
+      });
+      at += L.n_blocks * L.block;
+    }
+    erasus::dual_keys_at_ranks(keys.data(), total, rank_ptr, n_ranks, out.data());
+  }
+  py::list result;
+  for (int32_t v : out) result.append(v);
+  return result;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -379,6 +446,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("lo"), py::arg("hi"), py::arg("k"), py::arg("masks"), py::arg("cap"), py::arg("vectorized") = true,
         "One-pass selection of the k largest keys over every layer with the bracket [lo, hi]: returns (threshold "
         "key or -1 when it did not resolve, count above hi, candidates listed, invalid elements).");
+  m.def("dual_sample_ranks", &dual_sample_ranks, py::arg("imp_forget"), py::arg("imp_retain"), py::arg("elems"),
+        py::arg("eps"), py::arg("starts"), py::arg("blocks"), py::arg("ranks").noconvert(),
+        "The keys at the given ranks (0-based, largest first) among the keys of every layer's sampled blocks.");
   m.def("dual_sample_keys", &dual_sample_keys, py::arg("imp_forget").noconvert(), py::arg("imp_retain").noconvert(),
         py::arg("elem"), py::arg("eps"), py::arg("starts").noconvert(), py::arg("block"), py::arg("keys").noconvert(),
         "keys[b * block + j] = key(S) of element starts[b] + j: the scores of sampled runs.");

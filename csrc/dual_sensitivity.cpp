@@ -472,6 +472,30 @@ int64_t dual_mask_collect(const T* f, const T* r, int64_t n, float eps, uint32_t
   return above;
 }
 
+void dual_keys_at_ranks(const int32_t* keys, int64_t n, const int64_t* ranks, int64_t n_ranks, int32_t* out) {
+  if (n_ranks == 0) return;
+  const int64_t deepest = *std::max_element(ranks, ranks + n_ranks);
+  // The ranks a bracket needs are near the top: select among the keys at or above a rough threshold read off
+  // every 16th key (a few percent of them), or among all when that set turns out too small.
+  static thread_local std::vector<int32_t> pool;
+  pool.clear();
+  const int64_t every = (n + 15) / 16, rough = 2 * (deepest / 16) + 64;
+  if (every > 64 && rough < every) {
+    for (int64_t j = 0; j < n; j += 16) pool.push_back(keys[j]);
+    std::nth_element(pool.begin(), pool.end() - 1 - rough, pool.end());
+    const int32_t threshold = *(pool.end() - 1 - rough);
+    pool.clear();
+    for (int64_t j = 0; j < n; ++j)
+      if (keys[j] >= threshold) pool.push_back(keys[j]);
+  }
+  if (static_cast<int64_t>(pool.size()) <= deepest) pool.assign(keys, keys + n);
+  for (int64_t q = 0; q < n_ranks; ++q) {
+    auto nth = pool.end() - 1 - ranks[q];
+    std::nth_element(pool.begin(), nth, pool.end());
+    out[q] = *nth;
+  }
+}
+
 int32_t dual_choose_and_mark(const DualCandidates& c, int64_t need, uint8_t* const* masks) {
   int64_t n_above = 0;
   const int32_t t = nth_largest_key(c.key.data(), c.count, need, &n_above);

@@ -23,6 +23,10 @@ template <typename T>
 void dual_sample_keys(const T* f, const T* r, float eps, const int64_t* starts, int64_t n_blocks, int64_t block,
                       int32_t* keys);
 
+// out[j] = the key at 0-based rank ranks[j] of keys[0, n), counting from the largest (0 <= ranks[j] < n), by
+// selections (linear), not a sort; fastest for ranks near the top.
+void dual_keys_at_ranks(const int32_t* keys, int64_t n, const int64_t* ranks, int64_t n_ranks, int32_t* out);
+
 // Mask pass: mask[i] = key_i > hi. The elements with lo <= key_i <= hi are candidates: their indices and keys
 // are written to cand_index / cand_key in index order (at most cand_cap; more is an error, reported by
 // returning -1 and writing nothing to the candidates; the pass stops listing there, so n_cand is then some

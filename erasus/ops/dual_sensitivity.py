@@ -345,6 +345,14 @@ class _CppKernels:
                   starts.numpy(), length, keys.numpy())
         return keys
 
+    @staticmethod
+    def sample_ranks(forget, retain, eps, layers, local_starts, lengths, ranks) -> list[int]:
+        """The sample's keys and their order statistics in one call (the sample never leaves C++)."""
+        return _cpp.call("dual_sample_ranks", [_cpp.as_numpy(forget[i]) for i in layers],
+                         [_cpp.as_numpy(retain[i]) for i in layers], [_cpp.elem_name(forget[i].dtype) for i in layers],
+                         eps, [np.ascontiguousarray(s, dtype=np.int64) for s in local_starts], lengths,
+                         np.array(ranks, dtype=np.int64))
+
     @classmethod
     def select(cls, forget, retain, eps, lo, hi, k, masks, capacity):
         """The pass and the resolution in one call over every layer (candidates never leave C++)."""
@@ -365,6 +373,10 @@ class _TritonKernels:
     @classmethod
     def select(cls, forget, retain, eps, lo, hi, k, masks, capacity):
         return _select_listing(cls, forget, retain, eps, lo, hi, k, masks, capacity)
+
+    @classmethod
+    def sample_ranks(cls, forget, retain, eps, layers, local_starts, lengths, ranks) -> list[int]:
+        return _sample_ranks_listing(cls, forget, retain, eps, layers, local_starts, lengths, ranks)
 
     @staticmethod
     def sample_keys(f, r, eps, starts: torch.Tensor, length: int) -> torch.Tensor:
@@ -467,14 +479,14 @@ def _sampled_bracket_keys(kern, forget, retain, eps, k: int, n_units: int):
     sizes = np.array([f.numel() for f in forget], dtype=np.int64)
     ends = np.cumsum(sizes)
     layer_of = np.searchsorted(ends, starts, side="right")  # the layer each block starts in
-    keys = []
+    layers, local_starts, lengths = [], [], []
     for i in np.unique(layer_of).tolist():
         length = int(min(SAMPLE_BLOCK, sizes[i]))
         # a block that would run past its layer's end is moved back inside the layer
-        local = torch.from_numpy(np.minimum(starts[layer_of == i] - (ends[i] - sizes[i]), sizes[i] - length))
-        keys.append(kern.sample_keys(forget[i], retain[i], eps, local, length))
-    sample = torch.cat(keys).cpu()
-    m, p = sample.numel(), k / n_units
+        local_starts.append(np.minimum(starts[layer_of == i] - (ends[i] - sizes[i]), sizes[i] - length))
+        layers.append(i)
+        lengths.append(length)
+    m, p = sum(s.size * length for s, length in zip(local_starts, lengths)), k / n_units
     # population units each sampled score stands for, and the bracket's half-width in them
     weight = n_units / m
     half = 2 * BRACKET_SIGMAS * n_units * math.sqrt(p * (1 - p) / m) + 2 * weight
@@ -482,10 +494,18 @@ def _sampled_bracket_keys(kern, forget, retain, eps, k: int, n_units: int):
         return None
     top, bottom = int((k - half) / weight), int(math.ceil((k + half) / weight))  # 0-based ranks, largest first
     ranks = [rank for rank in (top, bottom) if 0 <= rank < m]
-    at = dict(zip(ranks, _largest_at(sample.numpy(), ranks))) if ranks else {}
+    at = dict(zip(ranks, kern.sample_ranks(forget, retain, eps, layers, local_starts, lengths, ranks))) if ranks else {}
     hi = at.get(top, INF_KEY)
     lo = at.get(bottom, 0)
     return lo, hi, min(MAX_CANDIDATES, n_units)
+
+
+def _sample_ranks_listing(kern, forget, retain, eps, layers, local_starts, lengths, ranks) -> list[int]:
+    """``kern.sample_ranks`` from the kernel's sample keys: the keys of every layer's sampled blocks, then the
+    values at ``ranks`` (0-based, largest first) by :func:`_largest_at`."""
+    keys = [kern.sample_keys(forget[i], retain[i], eps, torch.from_numpy(s), length)
+            for i, s, length in zip(layers, local_starts, lengths)]
+    return _largest_at(torch.cat(keys).cpu().numpy(), ranks)
 
 
 def _largest_at(values: np.ndarray, ranks: list[int]) -> list[int]:

@@ -474,3 +474,30 @@ def test_cpp_one_call_selection_equals_listing_and_marking_in_python():
     assert resolved[True] > 50 and resolved[False] > 50, resolved
     with pytest.raises(errors.ShapeError, match="k must be at least 1"):
         ds._CppKernels.select(forget, retain, eps, 0, 1, 0, want, 10)
+
+
+@pytest.mark.skipif("cpp" not in backends_for(BACKENDS), reason="compiled extension not built")
+def test_cpp_sampled_order_statistics_equal_a_sort():
+    """The C++ sample (every layer's blocks scored and ranked in one call, with its shortcut through the keys
+    above a rough threshold, and without it) against a sort of the same keys: ranks at the top, the bottom,
+    deep ones and ties; layers of mixed dtypes."""
+    g = torch.Generator().manual_seed(8)
+    eps = float(np.float32(EPS))
+    for tie in (None, 2.0):
+        forget, retain = layers([(3001,), (2000,), (4099,)], torch.float64, seed=9, tie_value=tie)
+        dtypes = [torch.float32, torch.float16, torch.bfloat16]
+        forget = [t.to(dt) for t, dt in zip(forget, dtypes)]
+        retain = [t.to(dt) for t, dt in zip(retain, dtypes)]
+        lengths = [37, 1, 256]
+        starts = [torch.randint(0, f.numel() - length + 1, (n_blocks,), generator=g).numpy()
+                  for f, length, n_blocks in zip(forget, lengths, (50, 9, 30))]
+        keys = torch.cat([ds._keys(f.unfold(0, length, 1)[torch.from_numpy(s)].reshape(-1),
+                                   r.unfold(0, length, 1)[torch.from_numpy(s)].reshape(-1), eps)
+                          for f, r, s, length in zip(forget, retain, starts, lengths)])
+        ordered = keys.sort(descending=True).values.tolist()
+        m = len(ordered)
+        for ranks in ([0], [m - 1], [3, 70], [400, 150], [m // 2, m - 2], [5, 5]):
+            got = ds._CppKernels.sample_ranks(forget, retain, eps, [0, 1, 2], starts, lengths, ranks)
+            assert got == [ordered[q] for q in ranks], (tie, ranks)
+    with pytest.raises(errors.ShapeError, match="ranks must lie"):
+        ds._CppKernels.sample_ranks(forget, retain, eps, [0, 1, 2], starts, lengths, [m])
