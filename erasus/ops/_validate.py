@@ -13,8 +13,9 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SMALL_BYTES = 1 << 20
 
 
-def check_matrix(x, name: str = "x") -> torch.Tensor:
-    """A 2-D, non-empty, finite float32/float16/bfloat16 tensor; returned detached and contiguous."""
+def check_matrix(x, name: str = "x", finite: bool = True) -> torch.Tensor:
+    """A 2-D, non-empty, finite float32/float16/bfloat16 tensor; returned detached and contiguous. finite=False
+    leaves the finiteness check to a caller that reads the values anyway (it must raise NonFiniteError)."""
     if not isinstance(x, torch.Tensor):
         raise InvalidInputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
@@ -25,7 +26,7 @@ def check_matrix(x, name: str = "x") -> torch.Tensor:
         raise EmptyInputError(f"{name} has no rows (shape {tuple(x.shape)})")
     if x.shape[1] == 0:
         raise EmptyInputError(f"{name} has no features (shape {tuple(x.shape)})")
-    if not all_finite(x):
+    if finite and not all_finite(x):
         raise NonFiniteError(f"{name} holds NaN or infinite values")
     return x.detach().contiguous()
 

@@ -180,3 +180,25 @@ def test_triangle_pruning_keeps_the_selection_exactly(data, dtype):
     if data != "duplicates":  # past the 40 distinct rows every distance is 0: the oracle breaks those ties its way
         want, _ = kcenter_bruteforce(x.float(), k, [3])
         assert pruned.tolist() == list(want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("magnitude", [1.0, 2.0**30, 2.0**-30])
+def test_default_init_is_the_row_nearest_the_mean_in_small_chunks(dtype, magnitude, monkeypatch):
+    """The default first centre is computed in row chunks through one small buffer (never a widened copy of
+    x): with chunks of a few rows it is still the row nearest the mean, for 16-bit rows and for rows far
+    outside [2**-20, 2**20] (rescaled by a power of two); a NaN anywhere is still refused."""
+    from erasus.ops import kcenter as kc
+
+    if dtype == torch.float16 and magnitude != 1.0:
+        pytest.skip("float16 holds neither 2**30 nor 2**-30 times these rows")
+    monkeypatch.setattr(kc, "_INIT_CHUNK_BYTES", 3 * 4 * 24)  # 3 rows per chunk
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(101, 24, generator=g) * 3
+    x[57] = x.mean(dim=0)  # nearest the mean by far
+    x = (x * magnitude).to(dtype)
+    assert erasus.ops.kcenter_greedy(x, 1, backend="reference").indices.tolist() == [57]
+    bad = x.clone()
+    bad[3, 4] = float("nan")
+    with pytest.raises(errors.NonFiniteError, match="NaN or infinite"):
+        erasus.ops.kcenter_greedy(bad, 1)
