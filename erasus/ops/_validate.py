@@ -1,6 +1,7 @@
 """Input checks shared by the ops. Every message names the argument it is about."""
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -29,6 +30,16 @@ def check_matrix(x, name: str = "x", finite: bool = True) -> torch.Tensor:
     if finite and not all_finite(x):
         raise NonFiniteError(f"{name} holds NaN or infinite values")
     return x.detach().contiguous()
+
+
+def check_matrix_max_abs(x, name: str = "x") -> tuple[torch.Tensor, float]:
+    """:func:`check_matrix` and the largest |element| (for an op's power-of-two scale) from one pass over x:
+    a NaN or infinity makes that largest value non-finite, which is refused here."""
+    x = check_matrix(x, name, finite=False)
+    largest = max_abs(x)
+    if not math.isfinite(largest):
+        raise NonFiniteError(f"{name} holds NaN or infinite values")
+    return x, largest
 
 
 def all_finite(x: torch.Tensor) -> bool:

@@ -5,7 +5,7 @@ import torch
 
 from erasus.ops import _backend, _cpp
 from erasus.ops._magnitude import coreset_exponent
-from erasus.ops._validate import check_k, check_matrix, max_abs
+from erasus.ops._validate import check_k, check_matrix_max_abs
 
 
 def herding(x: torch.Tensor, k: int, *, backend: str | None = None) -> torch.Tensor:
@@ -33,10 +33,10 @@ def herding(x: torch.Tensor, k: int, *, backend: str | None = None) -> torch.Ten
         >>> erasus.ops.herding(x, 2).tolist()
         [2, 1]
     """
-    x = check_matrix(x, "x")
+    x, largest = check_matrix_max_abs(x, "x")  # one pass over x for the finiteness check and the scale
     k = check_k(k, x.shape[0])
     implementation = HERDING.select(x.device, backend)
-    return implementation(x, k, 2.0 ** -coreset_exponent(max_abs(x))).to(x.device)
+    return implementation(x, k, 2.0 ** -coreset_exponent(largest)).to(x.device)
 
 
 def herding_reference(x: torch.Tensor, k: int, scale: float = 1.0) -> torch.Tensor:

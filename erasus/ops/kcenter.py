@@ -1,15 +1,14 @@
 """Greedy k-center (farthest-first traversal) coreset selection."""
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
-from erasus.errors import InvalidInputError, NonFiniteError
+from erasus.errors import InvalidInputError
 from erasus.ops import _backend, _cpp
 from erasus.ops._magnitude import coreset_exponent
-from erasus.ops._validate import check_indices, check_k, check_matrix, max_abs
+from erasus.ops._validate import check_indices, check_k, check_matrix_max_abs, max_abs
 
 METRICS = ("l2", "cosine")
 
@@ -55,10 +54,7 @@ def kcenter_greedy(x: torch.Tensor, k: int, *, metric: str = "l2", init=None, ba
         >>> erasus.ops.kcenter_greedy(x, 2, init=0).indices.tolist()
         [0, 3]
     """
-    x = check_matrix(x, "x", finite=False)
-    largest = max_abs(x)  # one pass over x for the finiteness check and the scale
-    if not math.isfinite(largest):
-        raise NonFiniteError("x holds NaN or infinite values")
+    x, largest = check_matrix_max_abs(x, "x")  # one pass over x for the finiteness check and the scale
     n = x.shape[0]
     k = check_k(k, n)
     if metric not in METRICS:
