@@ -232,21 +232,54 @@ int64_t dual_score_histogram(const py::array& f, const py::array& r, const std::
   });
 }
 
-void dual_sample_keys(const py::array& f, const py::array& r, const std::string& elem_name, double eps,
-                      const py::array& starts, int64_t block, py::array& keys) {
-  const Elem elem = parse_elem(elem_name);
-  const int64_t n = check_importance_pair(f, r, elem);
-  check_eps(eps);
+// The sampled blocks of one layer of n units: `starts` a 1-D int64 array, each block of `block` units inside
+// [0, n). Returns the number of blocks.
+int64_t check_block_starts(const py::array& starts, int64_t block, int64_t n) {
   const int64_t n_blocks = starts.ndim() == 1 ? starts.shape(0) : -1;
   if (n_blocks < 0) throw ArrayShapeError("starts must be 1-D");
   check_vector<int64_t>(starts, "starts", n_blocks, false);
   if (block < 1 || block > n) throw ArrayShapeError("block must lie in [1, n], got " + std::to_string(block));
-  check_vector<int32_t>(keys, "keys", n_blocks * block, true);
   const auto* start_ptr = static_cast<const int64_t*>(starts.data());
   for (int64_t b = 0; b < n_blocks; ++b)
     if (start_ptr[b] < 0 || start_ptr[b] > n - block)
       throw ArrayShapeError("starts[" + std::to_string(b) + "] = " + std::to_string(start_ptr[b]) +
                             " puts its block outside [0, n)");
+  return n_blocks;
+}
+
+// One layer of a call over several: its importances (checked as a pair) and their element type.
+struct LayerPair {
+  const void* f;
+  const void* r;
+  Elem elem;
+  int64_t n;
+};
+
+// The layers of fs / rs / elems (one entry each per layer, numpy arrays and element-type names).
+std::vector<LayerPair> check_layer_pairs(const py::list& fs, const py::list& rs, const py::list& elems) {
+  const size_t layers = fs.size();
+  if (rs.size() != layers || elems.size() != layers)
+    throw ArrayShapeError("imp_forget, imp_retain and elems must have one entry per layer");
+  std::vector<LayerPair> out(layers);
+  for (size_t l = 0; l < layers; ++l) {
+    for (const py::handle h : {fs[l], rs[l]})
+      if (!py::isinstance<py::array>(h)) throw ArrayDTypeError("every layer's arrays must be numpy arrays");
+    const auto f = py::reinterpret_borrow<py::array>(fs[l]);
+    const auto r = py::reinterpret_borrow<py::array>(rs[l]);
+    const Elem elem = parse_elem(elems[l].cast<std::string>());
+    out[l] = LayerPair{f.data(), r.data(), elem, check_importance_pair(f, r, elem)};
+  }
+  return out;
+}
+
+void dual_sample_keys(const py::array& f, const py::array& r, const std::string& elem_name, double eps,
+                      const py::array& starts, int64_t block, py::array& keys) {
+  const Elem elem = parse_elem(elem_name);
+  const int64_t n = check_importance_pair(f, r, elem);
+  check_eps(eps);
+  const int64_t n_blocks = check_block_starts(starts, block, n);
+  check_vector<int32_t>(keys, "keys", n_blocks * block, true);
+  const auto* start_ptr = static_cast<const int64_t*>(starts.data());
   auto* key_ptr = static_cast<int32_t*>(keys.mutable_data());
   py::gil_scoped_release release;
   dispatch(elem, [&](auto* tag) {
@@ -290,29 +323,16 @@ py::tuple dual_mask(const py::array& f, const py::array& r, const std::string& e
 py::tuple dual_select(const py::list& fs, const py::list& rs, const py::list& elems, double eps, uint32_t lo,
                       uint32_t hi, int64_t k, const py::list& masks, int64_t cap, bool vectorized) {
   check_eps(eps);
-  const size_t layers = fs.size();
-  if (rs.size() != layers || elems.size() != layers || masks.size() != layers)
-    throw ArrayShapeError("imp_forget, imp_retain, elems and masks must have one entry per layer");
+  const std::vector<LayerPair> layer = check_layer_pairs(fs, rs, elems);
+  const size_t layers = layer.size();
+  if (masks.size() != layers) throw ArrayShapeError("masks must have one entry per layer");
   if (k < 1) throw ArrayShapeError("k must be at least 1, got " + std::to_string(k));
   if (cap < 0) throw ArrayShapeError("cap must be >= 0, got " + std::to_string(cap));
-  struct Layer {
-    const void* f;
-    const void* r;
-    Elem elem;
-    int64_t n;
-  };
-  std::vector<Layer> layer(layers);
   std::vector<uint8_t*> mask_ptr(layers);
   for (size_t l = 0; l < layers; ++l) {
-    for (const py::handle h : {fs[l], rs[l], masks[l]})
-      if (!py::isinstance<py::array>(h)) throw ArrayDTypeError("every layer's arrays must be numpy arrays");
-    const auto f = py::reinterpret_borrow<py::array>(fs[l]);
-    const auto r = py::reinterpret_borrow<py::array>(rs[l]);
+    if (!py::isinstance<py::array>(masks[l])) throw ArrayDTypeError("every layer's arrays must be numpy arrays");
     auto mask = py::reinterpret_borrow<py::array>(masks[l]);
-    const Elem elem = parse_elem(elems[l].cast<std::string>());
-    const int64_t n = check_importance_pair(f, r, elem);
-    check_vector<uint8_t>(mask, "mask", n, true);
-    layer[l] = Layer{f.data(), r.data(), elem, n};
+    check_vector<uint8_t>(mask, "mask", layer[l].n, true);
     mask_ptr[l] = static_cast<uint8_t*>(mask.mutable_data());
   }
   int64_t above = 0, bad = 0, key = -1, listed = 0;
@@ -322,7 +342,7 @@ py::tuple dual_select(const py::list& fs, const py::list& rs, const py::list& el
     candidates.clear();
     bool missed = false;
     for (size_t l = 0; l < layers && !missed; ++l) {
-      const Layer& L = layer[l];
+      const LayerPair& L = layer[l];
       int64_t layer_bad = 0;
       const int64_t layer_above = dispatch(L.elem, [&](auto* tag) {
         using Ptr = decltype(tag);
@@ -347,39 +367,25 @@ py::tuple dual_select(const py::list& fs, const py::list& rs, const py::list& el
 py::list dual_sample_ranks(const py::list& fs, const py::list& rs, const py::list& elems, double eps,
                            const py::list& starts, const py::list& blocks, const py::array& ranks) {
   check_eps(eps);
-  const size_t layers = fs.size();
-  if (rs.size() != layers || elems.size() != layers || starts.size() != layers || blocks.size() != layers)
-    throw ArrayShapeError("imp_forget, imp_retain, elems, starts and blocks must have one entry per layer");
+  const std::vector<LayerPair> layer = check_layer_pairs(fs, rs, elems);
+  const size_t layers = layer.size();
+  if (starts.size() != layers || blocks.size() != layers)
+    throw ArrayShapeError("starts and blocks must have one entry per layer");
   const int64_t n_ranks = ranks.ndim() == 1 ? ranks.shape(0) : -1;
   if (n_ranks < 0) throw ArrayShapeError("ranks must be 1-D");
   check_vector<int64_t>(ranks, "ranks", n_ranks, false);
-  struct Layer {
-    const void* f;
-    const void* r;
-    Elem elem;
+  struct Sample {
     const int64_t* starts;
     int64_t n_blocks, block;
   };
-  std::vector<Layer> layer(layers);
+  std::vector<Sample> sample(layers);
   int64_t total = 0;
   for (size_t l = 0; l < layers; ++l) {
-    for (const py::handle h : {fs[l], rs[l], starts[l]})
-      if (!py::isinstance<py::array>(h)) throw ArrayDTypeError("every layer's arrays must be numpy arrays");
-    const auto f = py::reinterpret_borrow<py::array>(fs[l]);
-    const auto r = py::reinterpret_borrow<py::array>(rs[l]);
+    if (!py::isinstance<py::array>(starts[l])) throw ArrayDTypeError("every layer's arrays must be numpy arrays");
     const auto s = py::reinterpret_borrow<py::array>(starts[l]);
-    const Elem elem = parse_elem(elems[l].cast<std::string>());
-    const int64_t n = check_importance_pair(f, r, elem);
     const int64_t block = blocks[l].cast<int64_t>();
-    const int64_t n_blocks = s.ndim() == 1 ? s.shape(0) : -1;
-    if (n_blocks < 0) throw ArrayShapeError("starts must be 1-D");
-    check_vector<int64_t>(s, "starts", n_blocks, false);
-    if (block < 1 || block > n) throw ArrayShapeError("block must lie in [1, n], got " + std::to_string(block));
-    const auto* start_ptr = static_cast<const int64_t*>(s.data());
-    for (int64_t b = 0; b < n_blocks; ++b)
-      if (start_ptr[b] < 0 || start_ptr[b] > n - block)
-        throw ArrayShapeError("a block start puts its block outside its layer");
-    layer[l] = Layer{f.data(), r.data(), elem, start_ptr, n_blocks, block};
+    const int64_t n_blocks = check_block_starts(s, block, layer[l].n);
+    sample[l] = Sample{static_cast<const int64_t*>(s.data()), n_blocks, block};
     total += n_blocks * block;
   }
   const auto* rank_ptr = static_cast<const int64_t*>(ranks.data());
@@ -392,14 +398,16 @@ py::list dual_sample_ranks(const py::list& fs, const py::list& rs, const py::lis
     static thread_local std::vector<int32_t> keys;  // capacity kept between calls
     keys.resize(static_cast<size_t>(total));
     int64_t at = 0;
-    for (const Layer& L : layer) {
+    for (size_t l = 0; l < layers; ++l) {
+      const LayerPair& L = layer[l];
+      const Sample& S = sample[l];
       dispatch(L.elem, [&](auto* tag) {
         using Ptr = decltype(tag);
-        erasus::dual_sample_keys(static_cast<Ptr>(L.f), static_cast<Ptr>(L.r), static_cast<float>(eps), L.starts,
-                                 L.n_blocks, L.block, keys.data() + at);
+        erasus::dual_sample_keys(static_cast<Ptr>(L.f), static_cast<Ptr>(L.r), static_cast<float>(eps), S.starts,
+                                 S.n_blocks, S.block, keys.data() + at);
         return 0;
       });
-      at += L.n_blocks * L.block;
+      at += S.n_blocks * S.block;
     }
     erasus::dual_keys_at_ranks(keys.data(), total, rank_ptr, n_ranks, out.data());
   }

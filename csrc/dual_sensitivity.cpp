@@ -246,8 +246,7 @@ template <bool kList, bool kStream, typename T>
 ERASUS_AVX2 void mask_block_avx2_loop(const T* f, const T* r, int64_t begin, int64_t end, float eps, uint32_t lo,
                                       uint32_t hi, uint8_t* mask, Candidates& mine) {
   const int32_t hi_s = hi > 0x7fffffffu ? 0x7fffffff : static_cast<int32_t>(hi);
-  const bool none_inside = lo > hi || lo > 0x7fffffffu;
-  const int32_t lo_s = none_inside ? 0x7fffffff : static_cast<int32_t>(lo);
+  const int32_t lo_s = kList ? static_cast<int32_t>(lo) : 0x7fffffff;
   int64_t above = 0, bad = 0;
   auto scalar = [&](int64_t j) {
     const float fv = to_float(f[j]), rv = to_float(r[j]);
@@ -255,7 +254,7 @@ ERASUS_AVX2 void mask_block_avx2_loop(const T* f, const T* r, int64_t begin, int
     const int32_t key = static_cast<int32_t>(float_to_bits(fv / (rv + eps)) & 0x7fffffffu);
     mask[j] = static_cast<uint8_t>(key > hi_s);
     above += key > hi_s;
-    if (!none_inside && key >= lo_s && key <= hi_s) mine.add(j, key);
+    if (kList && key >= lo_s && key <= hi_s) mine.add(j, key);
   };
   int64_t i = begin;
   while (i < end && (reinterpret_cast<uintptr_t>(mask + i) & 31u)) scalar(i++);
@@ -398,6 +397,18 @@ std::vector<Candidates*> mask_pass(const T* f, const T* r, int64_t n, float eps,
   return per_thread;
 }
 
+// Copies the threads' candidates, in block order, to index_out / key_out; returns how many.
+int64_t copy_candidates(const std::vector<Candidates*>& per_thread, int64_t* index_out, int32_t* key_out) {
+  int64_t at = 0;
+  for (const Candidates* c : per_thread) {  // thread blocks are ordered by index: candidates stay in index order
+    if (c == nullptr) continue;
+    std::copy(c->index.data(), c->index.data() + c->count, index_out + at);
+    std::copy(c->key.data(), c->key.data() + c->count, key_out + at);
+    at += c->count;
+  }
+  return at;
+}
+
 // The need-th largest of keys[0, n) (1 <= need <= n; keys >= 0), and in *n_above how many keys exceed it: a
 // 4096-bin histogram of the keys' top bits over their range (small enough to stay in L1), then a selection among
 // the keys of the one bin that holds it.
@@ -440,13 +451,7 @@ int64_t dual_mask(const T* f, const T* r, int64_t n, float eps, uint32_t lo, uin
       mask_pass(f, r, n, eps, lo, hi, mask, cand_cap, vectorized, &above, n_bad, &listed, &full);
   *n_cand = listed;
   if (full) return -1;
-  int64_t at = 0;
-  for (const Candidates* c : per_thread) {  // thread blocks are ordered by index: candidates stay in index order
-    if (c == nullptr) continue;
-    std::copy(c->index.data(), c->index.data() + c->count, cand_index + at);
-    std::copy(c->key.data(), c->key.data() + c->count, cand_key + at);
-    at += c->count;
-  }
+  copy_candidates(per_thread, cand_index, cand_key);
   return above;
 }
 
@@ -463,12 +468,7 @@ int64_t dual_mask_collect(const T* f, const T* r, int64_t n, float eps, uint32_t
     out.index.resize(static_cast<size_t>(out.count + listed));
     out.key.resize(static_cast<size_t>(out.count + listed));
   }
-  for (const Candidates* c : per_thread) {
-    if (c == nullptr) continue;
-    std::copy(c->index.data(), c->index.data() + c->count, out.index.data() + out.count);
-    std::copy(c->key.data(), c->key.data() + c->count, out.key.data() + out.count);
-    out.count += c->count;
-  }
+  out.count += copy_candidates(per_thread, out.index.data() + out.count, out.key.data() + out.count);
   return above;
 }
 
