@@ -154,6 +154,21 @@ void herding(const py::array& x, const std::string& elem_name, py::array& out, p
   });
 }
 
+int64_t row_nearest_mean(const py::array& x, const std::string& elem_name, double scale, int threads,
+                         bool fixed_team, bool vectorized) {
+  const Elem elem = parse_elem(elem_name);
+  check_matrix(x, elem);
+  const int64_t n = x.shape(0), d = x.shape(1);
+  if (n < 1) throw ArrayShapeError("x must have at least one row");
+  check_scale(scale);
+  check_threads(threads, fixed_team);
+  py::gil_scoped_release release;
+  return dispatch(elem, [&](auto* tag) {
+    return erasus::row_nearest_mean(data_as(x, tag), n, d, static_cast<float>(scale), threads, fixed_team,
+                                    vectorized);
+  });
+}
+
 struct LayerDims {
   int64_t batch, steps, d, p;
 };
@@ -435,6 +450,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("selected").noconvert(), py::arg("scale") = 1.0, py::arg("threads") = 0,
         py::arg("fixed_team") = false, py::arg("vectorized") = true,
         "Herding selection on x * scale written into out; threads, fixed_team and vectorized as for kcenter_greedy.");
+  m.def("row_nearest_mean", &row_nearest_mean, py::arg("x").noconvert(), py::arg("elem"), py::arg("scale") = 1.0,
+        py::arg("threads") = 0, py::arg("fixed_team") = false, py::arg("vectorized") = true,
+        "Index of the row of x * scale nearest the mean of the rows (summed in double, rows front to back, the "
+        "same on any team), by k-center's distance; ties to the lowest index. threads, fixed_team and "
+        "vectorized as for kcenter_greedy.");
   m.def("per_sample_grad_norms", &per_sample_grad_norms, py::arg("a").noconvert(), py::arg("g").noconvert(),
         py::arg("elem"), py::arg("path"), py::arg("weight_out").noconvert(), py::arg("bias_out").noconvert(),
         "Per-sample squared weight and bias gradient norms of a linear map, written into the outputs.");

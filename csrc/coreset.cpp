@@ -298,6 +298,105 @@ inline Best merge(const std::vector<Best>& per_chunk, Better better) {
   return best;
 }
 
+// Column sums of the rows of x (unscaled) in double. Rows are cut into at most kSumParts parts fixed by the
+// shape; each column of a part is summed in row order and the parts are added in part order, so the sums do not
+// depend on the team (nor on the code path: every float widens exactly to double). Rows are read front to
+// back, kSumRows at a time (a few KB, in L1), added to each block of kSumBlock columns while its sums stay in
+// registers: the sums are loaded and stored once per kSumRows rows.
+constexpr int64_t kSumParts = 64;
+constexpr int64_t kSumPartialBytes = int64_t{4} << 20;  // the parts' partial sums, at most
+constexpr int64_t kSumRows = 8;
+constexpr int64_t kSumBlock = 16;
+
+// acc[t] += x[r][t] for rows r < rows, columns t < d (the tail columns one row at a time).
+template <typename T>
+using ColumnAdd = void (*)(const T* x, int64_t rows, int64_t d, double* acc);
+
+template <typename T>
+void portable_column_add(const T* x, int64_t rows, int64_t d, double* acc) {
+  float wide[kSumBlock];
+  int64_t t0 = 0;
+  for (; t0 + kSumBlock <= d; t0 += kSumBlock) {
+    double a[kSumBlock];
+    for (int64_t t = 0; t < kSumBlock; ++t) a[t] = acc[t0 + t];
+    for (int64_t r = 0; r < rows; ++r) {
+      widen(x + r * d + t0, kSumBlock, wide);
+      for (int64_t t = 0; t < kSumBlock; ++t) a[t] += static_cast<double>(wide[t]);
+    }
+    for (int64_t t = 0; t < kSumBlock; ++t) acc[t0 + t] = a[t];
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t t = t0; t < d; ++t) acc[t] += static_cast<double>(to_float(x[r * d + t]));
+}
+
+#ifdef ERASUS_X86_KERNELS
+ERASUS_TARGET_AVX2 inline void load16(const float* p, __m256& lo, __m256& hi) {
+  lo = _mm256_loadu_ps(p), hi = _mm256_loadu_ps(p + 8);
+}
+ERASUS_TARGET_AVX2 inline void load16(const half_bits* p, __m256& lo, __m256& hi) {
+  lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+}
+ERASUS_TARGET_AVX2 inline void load16(const bf16_bits* p, __m256& lo, __m256& hi) {
+  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8));
+  lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(a), 16));
+  hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
+}
+
+// portable_column_add with 256-bit registers: the same sums (each a double sum in row order), 1.2-1.8x faster
+// on znver1, where GCC vectorises the portable loop 128 bits wide.
+template <typename T>
+ERASUS_TARGET_AVX2 void avx2_column_add(const T* x, int64_t rows, int64_t d, double* acc) {
+  int64_t t0 = 0;
+  for (; t0 + kSumBlock <= d; t0 += kSumBlock) {
+    __m256d a0 = _mm256_loadu_pd(acc + t0), a1 = _mm256_loadu_pd(acc + t0 + 4);
+    __m256d a2 = _mm256_loadu_pd(acc + t0 + 8), a3 = _mm256_loadu_pd(acc + t0 + 12);
+    for (int64_t r = 0; r < rows; ++r) {
+      __m256 lo, hi;
+      load16(x + r * d + t0, lo, hi);
+      a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm256_castps256_ps128(lo)));
+      a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm256_extractf128_ps(lo, 1)));
+      a2 = _mm256_add_pd(a2, _mm256_cvtps_pd(_mm256_castps256_ps128(hi)));
+      a3 = _mm256_add_pd(a3, _mm256_cvtps_pd(_mm256_extractf128_ps(hi, 1)));
+    }
+    _mm256_storeu_pd(acc + t0, a0), _mm256_storeu_pd(acc + t0 + 4, a1);
+    _mm256_storeu_pd(acc + t0 + 8, a2), _mm256_storeu_pd(acc + t0 + 12, a3);
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t t = t0; t < d; ++t) acc[t] += static_cast<double>(to_float(x[r * d + t]));
+}
+#endif
+
+template <typename T>
+ColumnAdd<T> column_add_for_cpu(bool vectorized) {
+#ifdef ERASUS_X86_KERNELS
+  if (vectorized && cpu_has_avx2_fma_f16c()) return &avx2_column_add<T>;
+#endif
+  (void)vectorized;
+  return &portable_column_add<T>;
+}
+
+template <typename T>
+void column_sums(const T* x, int64_t n, int64_t d, ChunkTeam& team, bool vectorized, double* sums) {
+  for (int64_t t = 0; t < d; ++t) sums[t] = 0.0;
+  if (n == 0 || d == 0) return;
+  const ColumnAdd<T> add = column_add_for_cpu<T>(vectorized);
+  const int64_t max_parts = std::max<int64_t>(1, kSumPartialBytes / (d * static_cast<int64_t>(sizeof(double))));
+  const int64_t wanted = std::min({kSumParts, n, max_parts});
+  const int64_t rows_per_part = (n + wanted - 1) / wanted;
+  const int32_t parts = static_cast<int32_t>((n + rows_per_part - 1) / rows_per_part);
+  std::vector<double> partial(static_cast<size_t>(parts) * static_cast<size_t>(d), 0.0);
+  auto sum_part = [&](int64_t part) {
+    const int64_t end = std::min(n, (part + 1) * rows_per_part);
+    for (int64_t j = part * rows_per_part; j < end; j += kSumRows)
+      add(x + j * d, std::min(kSumRows, end - j), d, partial.data() + part * d);
+  };
+  team.run(parts, sum_part);
+  for (int32_t part = 0; part < parts; ++part)
+    for (int64_t t = 0; t < d; ++t) sums[t] += partial[static_cast<size_t>(part) * static_cast<size_t>(d) + t];
+}
+
 template <typename T>
 inline void widen_row(const T* row, float scale, int64_t d, float* dst) {
   for (int64_t t = 0; t < d; ++t) dst[t] = to_float(row[t]) * scale;
@@ -374,28 +473,43 @@ float kcenter_greedy(const T* x, int64_t n, int64_t d, float scale, const int64_
 }
 
 template <typename T>
+int64_t row_nearest_mean(const T* x, int64_t n, int64_t d, float scale, int threads, bool fixed_team,
+                         bool vectorized) {
+  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized);
+  const RowChunks chunks = row_chunks(n, d * static_cast<int64_t>(sizeof(T)));
+  std::vector<double> sums(static_cast<size_t>(d));
+  std::vector<float> mean(static_cast<size_t>(d));
+  std::vector<Best> per_chunk(static_cast<size_t>(chunks.count));
+  auto scan_chunk = [&](int64_t chunk) {  // the chunk's row nearest the mean; ties keep the lower index
+    const int64_t begin = chunk * chunks.rows_per_chunk, end = std::min(n, begin + chunks.rows_per_chunk);
+    int64_t rows[kBlockRows];
+    float dist[kBlockRows];
+    Best best{std::numeric_limits<float>::infinity(), -1};
+    for (int64_t b = begin; b < end; b += kBlockRows) {
+      const int64_t count = std::min(end, b + kBlockRows) - b;
+      for (int64_t i = 0; i < count; ++i) rows[i] = b + i;
+      distances(x, d, scale, mean.data(), rows, count, dist);
+      for (int64_t i = 0; i < count; ++i)
+        if (best.index < 0 || dist[i] < best.value) best = Best{dist[i], rows[i]};
+    }
+    per_chunk[static_cast<size_t>(chunk)] = best;
+  };
+  const int team_size = team_threads(threads, fixed_team, n * d * static_cast<int64_t>(sizeof(T)));
+  with_chunk_team(team_size, [&](ChunkTeam& team) {
+    column_sums(x, n, d, team, vectorized, sums.data());
+    for (int64_t t = 0; t < d; ++t) mean[t] = static_cast<float>(sums[t] / static_cast<double>(n) * scale);
+    team.run(chunks.count, scan_chunk);
+  });
+  return merge(per_chunk, [](float a, float b) { return a < b; }).index;
+}
+
+template <typename T>
 void herding(const T* x, int64_t n, int64_t d, float scale, int64_t k, int64_t* out, uint8_t* selected,
              int threads, bool fixed_team, bool vectorized) {
   const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized);
   const RowChunks chunks = row_chunks(n, d * static_cast<int64_t>(sizeof(T)));
-  // The mean in double (no overflow before scaling), by bands of columns: each column is summed over the rows
-  // in row order whichever thread takes its band, so the mean does not depend on the team.
-  constexpr int64_t kBand = 64;
-  const int64_t n_bands = (d + kBand - 1) / kBand;
+  // The mean in double (no overflow before scaling), the same on any team (see column_sums).
   std::vector<double> mean(static_cast<size_t>(d), 0.0), chosen_sum(static_cast<size_t>(d), 0.0);
-  const int32_t band_chunks = static_cast<int32_t>(std::min(n_bands, kMaxChunks));
-  auto sum_bands = [&](int64_t chunk) {
-    for (int64_t band = chunk; band < n_bands; band += band_chunks) {
-      const int64_t t0 = band * kBand, width = std::min(d, t0 + kBand) - t0;
-      float wide[kBand];
-      double acc[kBand] = {};
-      for (int64_t j = 0; j < n; ++j) {
-        widen(x + j * d + t0, width, wide);
-        for (int64_t t = 0; t < width; ++t) acc[t] += wide[t];
-      }
-      for (int64_t t = 0; t < width; ++t) mean[t0 + t] = acc[t];
-    }
-  };
 
   for (int64_t j = 0; j < n; ++j) selected[j] = 0;
   std::vector<float> target(static_cast<size_t>(d));
@@ -421,7 +535,7 @@ void herding(const T* x, int64_t n, int64_t d, float scale, int64_t k, int64_t* 
   const int team_size = team_threads(threads, fixed_team, n * d * static_cast<int64_t>(sizeof(T)));
   with_chunk_team(team_size, [&](ChunkTeam& team) {
     TeamOrAlone choice(team.size() > 1, !fixed_team);
-    team.run(band_chunks, sum_bands);
+    column_sums(x, n, d, team, vectorized, mean.data());
     for (int64_t t = 0; t < d; ++t) mean[t] = mean[t] / static_cast<double>(n) * scale;
     for (int64_t i = 0; i < k; ++i) {
       for (int64_t t = 0; t < d; ++t) target[t] = static_cast<float>((i + 1) * mean[t] - chosen_sum[t]);
@@ -438,7 +552,8 @@ void herding(const T* x, int64_t n, int64_t d, float scale, int64_t k, int64_t* 
 #define ERASUS_INSTANTIATE(T)                                                                              \
   template float kcenter_greedy<T>(const T*, int64_t, int64_t, float, const int64_t*, int64_t, int64_t,   \
                                    int64_t*, float*, bool, int, bool, bool);                                     \
-  template void herding<T>(const T*, int64_t, int64_t, float, int64_t, int64_t*, uint8_t*, int, bool, bool);
+  template void herding<T>(const T*, int64_t, int64_t, float, int64_t, int64_t*, uint8_t*, int, bool, bool); \
+  template int64_t row_nearest_mean<T>(const T*, int64_t, int64_t, float, int, bool, bool);
 
 ERASUS_INSTANTIATE(float)
 ERASUS_INSTANTIATE(half_bits)

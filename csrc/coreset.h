@@ -34,4 +34,11 @@ template <typename T>
 void herding(const T* x, int64_t n, int64_t d, float scale, int64_t k, int64_t* out, uint8_t* selected,
              int threads = 0, bool fixed_team = false, bool vectorized = true);
 
+// The row of x nearest the mean of its rows (times scale), for k-center's default first centre: the mean is
+// summed in double (rows front to back, the same sum on any team) and rounded to float32; distances are
+// k-center's own. Ties go to the lowest row index. Two passes over x; n >= 1.
+template <typename T>
+int64_t row_nearest_mean(const T* x, int64_t n, int64_t d, float scale, int threads = 0, bool fixed_team = false,
+                         bool vectorized = true);
+
 }  // namespace erasus

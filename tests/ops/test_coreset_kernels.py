@@ -51,7 +51,8 @@ def same_kcenter(a, b):
 def test_every_team_selects_bit_for_bit_what_one_thread_selects(dtype):
     """Chunks are claimed by whichever thread comes first and merged in row order, so the indices, the radius
     and every running minimum are those of the one-thread loop, with and without pruning; herding's mean is
-    summed column by column in row order, so its selection does not depend on the team either."""
+    summed by row parts fixed by the shape, added in part order, so its selection does not depend on the team
+    either."""
     for n, d in SHAPES + [(3000, 24)]:  # 3000 x 24: many chunks
         x = rows(n, d, dtype)
         k = min(n, 25)
@@ -145,6 +146,31 @@ def test_a_forked_child_starts_its_own_helpers():
     got = queue.get(timeout=60)
     child.join(timeout=60)
     assert child.exitcode == 0 and got == want
+
+
+def row_nearest_mean(x, scale=1.0, **options):
+    return _cpp.call("row_nearest_mean", _cpp.as_numpy(x), _cpp.elem_name(x.dtype), scale, *_options(**options))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES])
+def test_row_nearest_the_mean_equals_the_float64_oracle_on_every_team_and_loop(dtype):
+    """k-center's default first centre in C++: the mean summed in double by row parts (fewer parts when d is
+    large: 13 at d = 40000), rows 8 at a time and column blocks of 16 with scalar tails; the same index as a
+    float64 argmin, on every team, on both loops, and on rows scaled by a power of two."""
+    for n, d in SHAPES + [(3000, 24), (30, 40000)]:
+        x = rows(n, d, dtype, seed=4)
+        xd = x.double()
+        want = int(torch.argmin(((xd - xd.mean(dim=0)) ** 2).sum(dim=1)))
+        for team in TEAMS:
+            for vectorized in (True, False):
+                assert row_nearest_mean(x, **team, vectorized=vectorized) == want, (n, d, team, vectorized)
+        if dtype == torch.bfloat16:  # bf16 holds 2**100 times these rows exactly
+            big = (x.float() * 2.0**100).bfloat16()
+            assert row_nearest_mean(big, scale=2.0**-100) == want
+    with pytest.raises(errors.ShapeError, match="at least one row"):
+        row_nearest_mean(torch.empty(0, 5, dtype=dtype))
+    with pytest.raises(errors.ShapeError, match="scale must be"):
+        row_nearest_mean(rows(4, 3, dtype), scale=3.0)
 
 
 @pytest.mark.parametrize("threads, fixed_team", [(-1, False), (0, True), (-2, True)])

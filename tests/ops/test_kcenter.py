@@ -185,9 +185,10 @@ def test_triangle_pruning_keeps_the_selection_exactly(data, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("magnitude", [1.0, 2.0**30, 2.0**-30])
 def test_default_init_is_the_row_nearest_the_mean_in_small_chunks(dtype, magnitude, monkeypatch):
-    """The default first centre is computed in row chunks through one small buffer (never a widened copy of
-    x): with chunks of a few rows it is still the row nearest the mean, for 16-bit rows and for rows far
-    outside [2**-20, 2**20] (rescaled by a power of two); a NaN anywhere is still refused."""
+    """The default first centre, in C++ (the CPU path) and in torch row chunks through one small buffer (the
+    path without the extension, and CUDA's; never a widened copy of x): with chunks of a few rows it is still
+    the row nearest the mean, for 16-bit rows and for rows far outside [2**-20, 2**20] (rescaled by a power of
+    two); a NaN anywhere is still refused."""
     from erasus.ops import kcenter as kc
 
     if dtype == torch.float16 and magnitude != 1.0:
@@ -198,6 +199,9 @@ def test_default_init_is_the_row_nearest_the_mean_in_small_chunks(dtype, magnitu
     x[57] = x.mean(dim=0)  # nearest the mean by far
     x = (x * magnitude).to(dtype)
     assert erasus.ops.kcenter_greedy(x, 1, backend="reference").indices.tolist() == [57]
+    exponent = kc.coreset_exponent(kc.max_abs(x))
+    assert kc._default_init_torch(x, 2.0 ** -exponent).tolist() == [57]
+    assert kc._default_init(x, 2.0 ** -exponent).tolist() == [57]
     bad = x.clone()
     bad[3, 4] = float("nan")
     with pytest.raises(errors.NonFiniteError, match="NaN or infinite"):
