@@ -75,9 +75,10 @@ class ErasusUnlearner:
             strategies run data-parallel (DDP, or FSDP2), ``batch_size`` and ``retain_batch_size`` are the global
             batches (multiples of the number of processes), the guard and early stopping decide the same on every
             rank, only the main process writes ``out_dir``, and every rank gets the plain (unwrapped) model and a
-            report. The model is moved to ``accelerator.device`` first. Passed, not detected: the Accelerator holds
-            the user's choices (mixed precision, FSDP plugin, batch splitting), and a job may use torch.distributed
-            for something else. See :mod:`erasus.integrations.accelerated`.
+            report (under FSDP2 the model stays sharded: every parameter a DTensor holding this rank's shard). The
+            model is moved to ``accelerator.device`` first. Passed, not detected: the Accelerator holds the user's
+            choices (mixed precision, FSDP plugin, batch splitting), and a job may use torch.distributed for
+            something else. See :mod:`erasus.integrations.accelerated`.
 
     Every report has a ``verdict``: the whole forget set's metric before and after against the target (named:
     the retrained model's, or the original model's on the holdout set), whether it was reached and how far it
@@ -358,6 +359,8 @@ class ErasusUnlearner:
             report["gap_to_retrained"] = {k: abs(metrics[k] - ref_metrics[k]) for k in ref_metrics if k in metrics}
             if any(k in metrics and k in ref_metrics for k in task.gap_keys):  # e.g. none without generation
                 report["avg_gap"] = average_gap(metrics, ref_metrics, keys=task.gap_keys)
+        if processes is not None:
+            processes.reshard(model)  # after the last forward (the verdict's)
         if self.out_dir is not None:
             self._write_once(model, report)
         return model, report

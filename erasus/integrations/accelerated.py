@@ -31,7 +31,8 @@ what ``accelerate launch`` or ``torchrun`` put in the environment) tells them ap
   the adaptive mode's per-sample scores) and the coreset indices are broadcast from the main process, so every
   rank takes the same decision even where float summation differs.
 - **Report**: assembled on every rank, written (report, plots, weights) by the main process only;
-  ``fit`` returns the plain model (never the DDP wrapper).
+  ``fit`` returns the plain model (never the DDP wrapper); under FSDP2 the model sharded in place, every parameter
+  a DTensor holding this rank's shard (``p.full_tensor()``, called on every rank, gathers one).
 - **The caller's Accelerator** is left as it was: what ``fit`` prepared (model, optimizer, loaders) is released
   from it, its gradient state's loaders are put back, and mixed precision's autocast ``forward`` is taken off the
   model (every metric of a run is computed with the model's own forward, in its own precision).
@@ -46,7 +47,10 @@ the Accelerator, on the CPU when no GPU is visible)::
 In your own script: ``ErasusUnlearner(model, ..., accelerator=Accelerator())``. FSDP needs
 ``fsdp_version: 2`` (``fsdp.yaml``), ``copy=True`` (the model is sharded in place), and neither ``adaptive`` nor
 ``save_merged``; the weights are then gathered with ``accelerator.get_state_dict`` on every rank and written by
-the main process.
+the main process (the file one process writes). Under FSDP2 the guard checks, copies and restores each rank's own
+shards, and the weight anchor differentiates each rank's shards. FSDP2 has run on 2 CPU processes over gloo, with
+accelerate's distributed type set to FSDP by hand (accelerate offers FSDP on accelerators only): the same weights
+as one process (tests/distributed/test_accelerate_fsdp.py); not yet with NCCL on GPUs.
 """
 from __future__ import annotations
 
@@ -143,9 +147,11 @@ class AcceleratedRun:
         self.accelerator.wait_for_everyone()
 
     def write_sharded(self, model: nn.Module, out, *, peft: bool) -> None:
-        """FSDP: gather the full weights on every rank (one collective) and let the main process write them, as
-        ``adapter/`` (a peft model) or ``model.safetensors`` (tied weights once; written to a temporary name and
-        renamed into place when complete, as in one process)."""
+        """FSDP: gather the full weights (a collective: every rank calls it; the main process receives them, the
+        others an empty dict) and let the main process write them, as ``adapter/`` (a peft model) or
+        ``model.safetensors``: the file one process writes with safetensors' ``save_model`` (tied weights once,
+        under the first of their names in sorted order), written to a temporary name and renamed into place when
+        complete. Does not change ``model``."""
         state = self.accelerator.get_state_dict(model)
         if peft:
             model.save_pretrained(str(out / "adapter"), state_dict=state, is_main_process=self.is_main,
@@ -153,17 +159,46 @@ class AcceleratedRun:
         elif self.is_main:
             import os
 
-            from accelerate.utils import clean_state_dict_for_safetensors
             from safetensors.torch import save_file
 
+            state, metadata = _untied(state, model)
             tmp = out / "model.safetensors.tmp"
-            save_file(clean_state_dict_for_safetensors(state), str(tmp), metadata={"format": "pt"})
+            save_file(state, str(tmp), metadata=metadata or None)
             os.replace(tmp, out / "model.safetensors")
+
+    def reshard(self, model: nn.Module) -> None:
+        """FSDP2 keeps some parameters unsharded after a forward (the root's, accelerate's embedding and head unit:
+        it expects the backward next): after the run's last evaluation, free them, so that the model ``fit``
+        returns holds this rank's shards only, every parameter a DTensor as ``prepare`` left it
+        (``p.full_tensor()``, on every rank, gathers one). No communication; changes no value, and nothing without
+        FSDP."""
+        if self.sharded:
+            from erasus.strategies.guard import reshard_fsdp
+
+            reshard_fsdp(model)
 
     def summary(self, batch_size: int) -> dict:
         """The report's ``processes`` entry."""
         return {"count": self.world, "distributed_type": self.kind, "global_batch": batch_size,
                 "per_rank_batch": batch_size // self.world}
+
+
+def _untied(state: dict, model: nn.Module) -> tuple[dict, dict[str, str]]:
+    """A gathered state dict as safetensors' ``save_model`` writes the model: of names that share one tensor in
+    ``model`` (tied weights; the gathered copies no longer share storage, so only the model can tell), the first
+    in sorted order is kept, and the metadata maps each dropped name to the kept one. Tensors made contiguous."""
+    from itertools import chain
+
+    aliases: dict[int, list[str]] = {}
+    for name, t in chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)):
+        aliases.setdefault(id(t), []).append(name)
+    state, metadata = dict(state), {}
+    for names in aliases.values():
+        kept, *dropped = sorted(n for n in names if n in state) or [None]
+        for name in dropped:
+            del state[name]
+            metadata[name] = kept
+    return {k: v.contiguous() for k, v in state.items()}, metadata
 
 
 def _check_data_settings(accelerator) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import abc
 import contextlib
 import copy
+import functools
+import operator
 from typing import Callable, ClassVar
 
 import torch
@@ -21,7 +23,7 @@ from erasus import registry
 from erasus._device import model_device, to_device
 from erasus.errors import InvalidInputError
 from erasus.losses import weight_anchor_loss
-from erasus.strategies.guard import GuardTripped, TrainingGuard, agree_on
+from erasus.strategies.guard import GuardTripped, TrainingGuard, agree_on, is_sharded, local_part
 from erasus.tasks import Reference, Task, infer_task
 
 STRATEGIES: dict[str, type["Strategy"]] = {}
@@ -115,7 +117,7 @@ class GradientStrategy(Strategy):
         self.max_grad_norm = max_grad_norm
         self._task: Task | None = None
         self._reference: Reference | None = None
-        self._initial: dict[str, torch.Tensor] | None = None
+        self._initial: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # the weight anchor: (parameter, start)
         self._accelerator = None  # set for the length of a data-parallel unlearn()
 
     @classmethod
@@ -173,13 +175,14 @@ class GradientStrategy(Strategy):
         elif original is not None:
             self._reference = Reference.of(original)
         if self.anchor == "weights" and self._initial is None:
-            self._initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            self._initial = _anchored(model)
 
     def loss(self, model: nn.Module, forget_batch, retain_batch=None, original: nn.Module | None = None
              ) -> torch.Tensor:
         """Scalar loss of one step: the method's loss plus the retain anchor, if any. ``original`` is the
         frozen model before unlearning (NPO, SCRUB, KL terms and the anchors use it); it is kept between calls,
-        and made from ``model`` at the first call when not given."""
+        and made from ``model`` at the first call when not given. The weight anchor holds the trainable parameters
+        of the model it was first bound to (by ``bind``, ``unlearn`` or the first call) and their values then."""
         self.bind(model, original=original)
         total = self.method_loss(model, forget_batch, retain_batch)
         if self.anchor == "outputs" and retain_batch is not None:
@@ -187,9 +190,8 @@ class GradientStrategy(Strategy):
             total = total + self.anchor_weight * self.task.output_kl(self.outputs(model, retain_batch), ref,
                                                                      retain_batch).mean()
         elif self.anchor == "weights":
-            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and n in self._initial]
-            total = total + self.anchor_weight * weight_anchor_loss([p for _, p in named],
-                                                                    [self._initial[n] for n, _ in named])
+            total = total + self.anchor_weight * _weight_anchor([(p, start) for p, start in self._initial
+                                                                 if p.requires_grad])
         return total
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
@@ -348,6 +350,31 @@ def _check_accelerator(strategy: GradientStrategy, accelerator, guard: TrainingG
         raise InvalidInputError("max_grad_norm under FSDP with mixed_precision fp16: accelerate may unscale the "
                                 "gradients twice when clipping a subset of the parameters; use bf16, or "
                                 "max_grad_norm=None")
+
+
+def _anchored(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The weight anchor's pairs: each trainable parameter of ``model`` and a copy of its value now. The parameters
+    are held themselves, not looked up by name at each step: after a forward FSDP2 leaves unsharded stand-ins in
+    some modules (the root's, accelerate's embedding and head unit) until the backward, while the sharded
+    parameters that the optimizer steps stay the same objects; a DDP wrapper's names gain a ``module.`` prefix, its
+    parameters stay the model's."""
+    return [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+
+
+def _weight_anchor(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """``sum ||theta - theta_start||^2`` over ``pairs``. A sharded parameter (FSDP2's DTensor) is differentiated
+    through this rank's shard only, so each element's gradient ``2 (theta - theta_start)`` arises once, on the rank
+    that holds it, as in one process (FSDP's own averaging covers only what flows through the unsharded
+    parameters); its value is the whole tensor's (one all-reduce), so every rank's loss is one process's."""
+    plain = [(p, start) for p, start in pairs if not is_sharded(p)]
+    sharded = [(p, start) for p, start in pairs if is_sharded(p)]
+    total = weight_anchor_loss([p for p, _ in plain], [start for _, start in plain])
+    if not sharded:
+        return total
+    local = weight_anchor_loss([local_part(p) for p, _ in sharded], [local_part(start) for _, start in sharded])
+    with torch.no_grad():  # the sum over every shard: a DTensor sum is partial per rank until full_tensor()
+        whole = functools.reduce(operator.add, [((p - start) ** 2).sum() for p, start in sharded]).full_tensor()
+    return total + local + (whole.to(local.dtype) - local.detach())
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ float64 row per check), the guard decides on what every rank found: one rank's N
 from __future__ import annotations
 
 import math
+import sys
 from typing import Callable
 
 import torch
@@ -21,16 +22,33 @@ class GuardTripped(Exception):
     """Raised inside a training loop when the guard restored the model; the loop stops."""
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a tensor spread over the processes (a DTensor, e.g. an FSDP2 parameter)."""
+    return callable(getattr(t, "to_local", None))
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
     """The part of ``t`` this process holds: a sharded parameter (FSDP2's DTensor) is checked, copied and restored
-    shard by shard, with no communication; a plain tensor is itself."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
+    shard by shard, with no communication; a plain tensor is itself. Differentiable (a DTensor's ``to_local``)."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def reshard_fsdp(model: nn.Module) -> None:
+    """Free the unsharded parameters that FSDP2 keeps after a forward until the backward (the root module's, and
+    every unit's with ``reshard_after_forward=False``, as accelerate makes of the embedding, final norm and head)
+    and put the sharded ones back in the modules: the next forward then gathers the shards as they are now, e.g.
+    just restored. No communication; changes no value in ``model``; without FSDP (never imported) it does nothing."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None or not hasattr(fsdp, "FSDPModule"):
+        return
+    for module in model.modules():
+        if isinstance(module, fsdp.FSDPModule):
+            module.reshard()
 
 
 def _changeable(model: nn.Module) -> list[torch.Tensor]:
     """What a run can change, as this process holds it: the trainable parameters and the buffers."""
-    return [_local(t) for t in [p for p in model.parameters() if p.requires_grad] + list(model.buffers())]
+    return [local_part(t) for t in [p for p in model.parameters() if p.requires_grad] + list(model.buffers())]
 
 
 class ModelState:
@@ -95,13 +113,16 @@ class TrainingGuard:
         self._snapshot_step = self.steps
 
     def _trainable(self):
-        return [_local(p) for p in self.model.parameters() if p.requires_grad]
+        return [local_part(p) for p in self.model.parameters() if p.requires_grad]
 
     def _norm(self) -> float:
         return math.sqrt(sum(float(p.detach().float().square().sum()) for p in self._trainable()))
 
     def restore(self) -> None:
         self._snapshot.restore()
+        # a NaN loss trips between forward and backward, while FSDP2 still holds unsharded copies of what it just
+        # restored: freed, so that the evaluations after the stop read the restored weights
+        reshard_fsdp(self.model)
 
     def check_loss(self, loss: torch.Tensor | float) -> float:
         """Before backward: a NaN/inf loss trips the guard before anything moves (under ``agree``, a NaN on any
