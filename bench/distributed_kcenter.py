@@ -162,9 +162,9 @@ every core as a torch thread (>1: faster). The 2-process row uses cores / 2 thre
 ATen/OpenMP pool sized to its share of the cores), so it and the '1 x cores' rows use the same cores. On one
 machine the processes share its memory bandwidth, so a step that streams X from DRAM gains little from a
 second process; distributed_kcenter is for X spread over machines (or GPUs), where each rank streams only its
-rows. Its per-rank step is plain torch (blocked direct differences, three passes over each cache-sized block)
-and its per-step collectives cost the latency measured above; the compiled single-process op's row is the
-reference point on one machine. Timings from a machine shared with other jobs are noisy: compare rows only
+rows. Its per-rank step on CPU is the compiled op's distance kernel (one pass over the rank's rows on its
+threads; no triangle pruning: the update of the running minima stays in torch) plus the per-step collectives,
+whose latency is measured above; the compiled single-process op's row is the reference point on one machine. Timings from a machine shared with other jobs are noisy: compare rows only
 within one run.
 """
 

@@ -473,6 +473,30 @@ float kcenter_greedy(const T* x, int64_t n, int64_t d, float scale, const int64_
 }
 
 template <typename T>
+void row_distances(const T* x, int64_t n, int64_t d, float scale, const float* centre, const int64_t* listed,
+                   int64_t count, float* out, int threads, bool fixed_team, bool vectorized) {
+  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized);
+  const int64_t m = listed != nullptr ? count : n;  // the rows measured
+  const RowChunks chunks = row_chunks(m, d * static_cast<int64_t>(sizeof(T)));
+  auto scan_chunk = [&](int64_t chunk) {
+    const int64_t begin = chunk * chunks.rows_per_chunk, end = std::min(m, begin + chunks.rows_per_chunk);
+    if (listed != nullptr) {
+      distances(x, d, scale, centre, listed + begin, end - begin, out + begin);
+      return;
+    }
+    int64_t rows[kBlockRows];
+    for (int64_t b = begin; b < end; b += kBlockRows) {
+      const int64_t block = std::min(end, b + kBlockRows) - b;
+      for (int64_t i = 0; i < block; ++i) rows[i] = b + i;
+      distances(x, d, scale, centre, rows, block, out + b);
+    }
+  };
+  const int team_size = team_threads(threads, fixed_team, m * d * static_cast<int64_t>(sizeof(T)));
+  with_chunk_team(team_size, [&](ChunkTeam& team) { team.run(chunks.count, scan_chunk); });
+  (void)n;
+}
+
+template <typename T>
 int64_t row_nearest_mean(const T* x, int64_t n, int64_t d, float scale, int threads, bool fixed_team,
                          bool vectorized) {
   const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized);
@@ -553,7 +577,9 @@ void herding(const T* x, int64_t n, int64_t d, float scale, int64_t k, int64_t* 
   template float kcenter_greedy<T>(const T*, int64_t, int64_t, float, const int64_t*, int64_t, int64_t,   \
                                    int64_t*, float*, bool, int, bool, bool);                                     \
   template void herding<T>(const T*, int64_t, int64_t, float, int64_t, int64_t*, uint8_t*, int, bool, bool); \
-  template int64_t row_nearest_mean<T>(const T*, int64_t, int64_t, float, int, bool, bool);
+  template int64_t row_nearest_mean<T>(const T*, int64_t, int64_t, float, int, bool, bool);                  \
+  template void row_distances<T>(const T*, int64_t, int64_t, float, const float*, const int64_t*, int64_t, float*, \
+                                 int, bool, bool);
 
 ERASUS_INSTANTIATE(float)
 ERASUS_INSTANTIATE(half_bits)

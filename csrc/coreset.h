@@ -34,6 +34,14 @@ template <typename T>
 void herding(const T* x, int64_t n, int64_t d, float scale, int64_t k, int64_t* out, uint8_t* selected,
              int threads = 0, bool fixed_team = false, bool vectorized = true);
 
+// Squared distances of rows of x (times scale) to `centre` (d floats): the distances of the selection loops, bit
+// for bit (the same kernel and order), on a team as above. listed == nullptr: every row, out[j] for row j;
+// else the `count` rows listed[0..count) (each in [0, n)), out[i] for row listed[i]. For callers that run the
+// loop themselves (erasus.distributed: one rank's rows per step, those its pruning keeps).
+template <typename T>
+void row_distances(const T* x, int64_t n, int64_t d, float scale, const float* centre, const int64_t* listed,
+                   int64_t count, float* out, int threads = 0, bool fixed_team = false, bool vectorized = true);
+
 // The row of x nearest the mean of its rows (times scale), for k-center's default first centre: the mean is
 // summed in double (rows front to back, the same sum on any team) and rounded to float32; distances are
 // k-center's own. Ties go to the lowest row index. Two passes over x; n >= 1.

@@ -48,6 +48,7 @@ from erasus._device import model_device, to_device
 from erasus.errors import (BackendUnavailableError, DTypeError, EmptyInputError, ErasusError, InvalidInputError,
                            NonFiniteError, ShapeError)
 import erasus._process_group_guard  # noqa: F401  (before any process group: see that module)
+from erasus.ops import _backend, _cpp
 from erasus.ops._magnitude import coreset_exponent
 from erasus.ops._validate import FLOAT_DTYPES, all_finite, check_indices, check_k, max_abs
 from erasus.ops.fisher import MODES as FISHER_MODES
@@ -499,18 +500,40 @@ def _row_blocks(x: torch.Tensor) -> range:
 
 
 class _Distances:
-    """Squared distances of a shard's rows to one vector, ``sum_t (x_t * scale - v_t)^2`` in float32 -- the
-    arithmetic of the compiled backends (direct differences, so a duplicate of the vector is exactly 0, and
-    duplicated rows get bitwise equal distances) -- one cache-sized block of rows at a time."""
+    """Squared distances of a shard's rows to one vector, ``sum_t (x_t * scale - v_t)^2`` in float32 (direct
+    differences, so a duplicate of the vector is exactly 0, and duplicated rows get bitwise equal distances). On
+    CPU, where erasus._C is built, the compiled selection loops' own kernel (one pass over the rows on torch's
+    threads, bit for bit the distances of ``erasus.ops.kcenter_greedy`` / ``herding`` with the cpp backend);
+    elsewhere torch, one cache-sized block of rows at a time (three passes over each block)."""
 
-    def __init__(self, x: torch.Tensor, scale: float):
+    def __init__(self, x: torch.Tensor, scale: float, compiled: bool | None = None):
         self.x, self.scale = x, scale
         self.blocks = _row_blocks(x)
         self.step = self.blocks.step
-        self.work = torch.empty(min(self.step, x.shape[0]), x.shape[1], dtype=torch.float32, device=x.device)
         self.out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        if compiled is None:  # the compiled kernel where it can run (tests compare the two paths)
+            compiled = x.device.type == "cpu" and _backend._probe("cpp")[0]
+        self.compiled = compiled
+        self.work = None if self.compiled else torch.empty(min(self.step, x.shape[0]), x.shape[1],
+                                                           dtype=torch.float32, device=x.device)
 
     def to_vector(self, v: torch.Tensor) -> torch.Tensor:
+        if self.compiled:
+            centre = v.detach().to(dtype=torch.float32, device="cpu").contiguous()
+            _cpp.call("row_distances", _cpp.as_numpy(self.x), _cpp.elem_name(self.x.dtype), centre.numpy(),
+                      self.out.numpy(), self.scale, torch.get_num_threads())
+            return self.out
+        return self._torch_to_vector(v)
+
+    def listed(self, v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The distances of the listed rows only (int64 local indices), compiled path only: float32 (len(rows),)."""
+        centre = v.detach().to(dtype=torch.float32, device="cpu").contiguous()
+        out = self.out[: rows.numel()]
+        _cpp.call("row_distances", _cpp.as_numpy(self.x), _cpp.elem_name(self.x.dtype), centre.numpy(), out.numpy(),
+                  self.scale, torch.get_num_threads(), False, True, rows.numpy())
+        return out
+
+    def _torch_to_vector(self, v: torch.Tensor) -> torch.Tensor:
         for start in self.blocks:
             rows = self.x[start:start + self.step]
             work = self.work[: rows.shape[0]]
@@ -524,6 +547,40 @@ class _Distances:
             work.square_()
             torch.sum(work, dim=1, out=self.out[start:start + rows.shape[0]])
         return self.out
+
+
+class _Pruning:
+    """The compiled op's exact pruning by the triangle inequality, on one rank's rows: a row at squared distance m
+    from its nearest centre a cannot come closer to the new centre c when ||c - a||^2 >= 4 m, so it is not read
+    (the same margin for float32 rounding as csrc/coreset.cpp; the selection is the one without pruning). Each
+    rank keeps the centres' rows it received (k x d float32) and the step of every row's nearest centre."""
+
+    MARGIN = 4.0 * 1.001  # csrc/coreset.cpp's kPruneMargin, read in float32 against float32 minima
+
+    def __init__(self, k: int, d: int, rows: int):
+        self.centres = torch.empty(k, d, dtype=torch.float32)
+        self.to_centre = torch.empty(k, dtype=torch.float32)
+        self.owner = torch.full((rows,), -1, dtype=torch.int64)  # the step of each row's nearest centre
+
+    def update(self, distances: _Distances, min_dist: torch.Tensor, row: torch.Tensor, step: int) -> None:
+        """min_dist and the owners updated against centre ``row`` (scaled float32) of ``step``, in place."""
+        self.centres[step] = row
+        if step:
+            to_centre = self.to_centre[:step]
+            _cpp.call("row_distances", self.centres[:step].numpy(), "float32", self.centres[step].numpy(),
+                      to_centre.numpy(), 1.0, 1, True, True)
+            bound = to_centre[self.owner.clamp(min=0)]
+            keep = (min_dist >= 0) & ((self.owner < 0) | (bound < min_dist * self.MARGIN))
+        else:
+            keep = min_dist >= 0  # every row but the first centre
+        listed = keep.nonzero().flatten()
+        if listed.numel() == 0:
+            return
+        got = distances.listed(row, listed)
+        closer = got < min_dist[listed]
+        moved = listed[closer]
+        min_dist[moved] = got[closer]
+        self.owner[moved] = step
 
 
 def _float_bits(value: float) -> int:
@@ -615,9 +672,10 @@ def distributed_kcenter(x_shard: torch.Tensor, k: int, *, metric: str = "l2", in
     network.
 
     The indices equal ``erasus.ops.kcenter_greedy(X, k, metric=..., init=...)`` on the concatenated X: the same
-    float32 direct-difference distances as its compiled backends, the same power-of-two rescaling, ties to the
-    lowest global index; they can differ only where two distances differ by float32 rounding (the default start,
-    the row nearest the mean, uses a mean summed in float64 across ranks). Does not modify ``x_shard``.
+    float32 direct-difference distances as its compiled backends (on CPU their kernel itself, bit for bit), the
+    same power-of-two rescaling, ties to the lowest global index; they can differ only where two distances differ
+    by float32 rounding (on GPUs; and the default start, the row nearest the mean, uses a mean summed in float64
+    across ranks). Does not modify ``x_shard``.
 
     Args:
         x_shard: (rows, d) float32, float16 or bfloat16; the same d and dtype on every rank (a rank without
@@ -639,13 +697,17 @@ def distributed_kcenter(x_shard: torch.Tensor, k: int, *, metric: str = "l2", in
     indices = init_idx.tolist() + [0] * (k - init_idx.numel())
     distances = _Distances(shard.x, shard.scale)
     min_dist = torch.full((shard.x.shape[0],), float("inf"), device=shard.x.device)
+    pruning = _Pruning(k, shard.x.shape[1], shard.x.shape[0]) if distances.compiled else None
     radius2 = 0.0
     for step in range(k):
         centre = indices[step]
         row = _broadcast_row(shard, centre, g)
         if shard.offset <= centre < shard.offset + shard.x.shape[0]:
             min_dist[centre - shard.offset] = -1.0  # never chosen again, even among exact duplicates
-        torch.minimum(min_dist, distances.to_vector(row), out=min_dist)  # keeps the -1 of chosen rows
+        if pruning is not None:
+            pruning.update(distances, min_dist, row, step)
+        else:
+            torch.minimum(min_dist, distances.to_vector(row), out=min_dist)  # keeps the -1 of chosen rows
         value, index = _farthest(min_dist, shard.offset, g)
         if init_idx.numel() <= step + 1 < k:
             indices[step + 1] = index

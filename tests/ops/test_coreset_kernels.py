@@ -173,6 +173,40 @@ def test_row_nearest_the_mean_equals_the_float64_oracle_on_every_team_and_loop(d
         row_nearest_mean(rows(4, 3, dtype), scale=3.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES])
+def test_row_distances_are_the_selection_loops_distances_bit_for_bit(dtype):
+    """row_distances (erasus.distributed's per-step kernel on CPU) against float64 (rtol 1e-5), and bitwise
+    against k-center's running minima after its first centre (every row's distance to that centre), on every
+    team, both loops and the scaled path; a (0, d) shard gives nothing; bad arguments are refused by name."""
+    for n, d in SHAPES + [(3000, 24)]:
+        x = rows(n, d, dtype, seed=5)
+        centre = x[n // 2].float()
+        want = ((x.double() - centre.double()) ** 2).sum(dim=1)
+        _, _, first = kcenter(x, 1, init=n // 2, prune=False, threads=1, fixed_team=True)
+        first[n // 2] = 0.0  # the centre itself is marked -1 there
+        for team in TEAMS:
+            for vectorized in (True, False):
+                out = torch.full((n,), float("nan"))
+                _cpp.call("row_distances", _cpp.as_numpy(x), _cpp.elem_name(dtype), centre.numpy(), out.numpy(),
+                          1.0, *_options(**team, vectorized=vectorized))
+                torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+                if vectorized:
+                    assert torch.equal(out, first), (n, d, team)
+        scaled = torch.empty(n)
+        _cpp.call("row_distances", _cpp.as_numpy(x), _cpp.elem_name(dtype), (centre * 0.25).numpy(), scaled.numpy(),
+                  0.25, 1, True, True)
+        assert torch.equal(scaled * 16, first)  # x / 4 and c / 4: every square / 16, exactly
+    empty = torch.empty(0)
+    _cpp.call("row_distances", _cpp.as_numpy(torch.empty(0, 5, dtype=dtype)), _cpp.elem_name(dtype),
+              torch.zeros(5).numpy(), empty.numpy(), 1.0, 0, False, True)
+    with pytest.raises(errors.ShapeError, match="centre must be 1-D of length 3"):
+        _cpp.call("row_distances", _cpp.as_numpy(rows(4, 3, dtype)), _cpp.elem_name(dtype), torch.zeros(4).numpy(),
+                  torch.empty(4).numpy(), 1.0, 0, False, True)
+    with pytest.raises(errors.ShapeError, match="out must be 1-D of length 4"):
+        _cpp.call("row_distances", _cpp.as_numpy(rows(4, 3, dtype)), _cpp.elem_name(dtype), torch.zeros(3).numpy(),
+                  torch.empty(5).numpy(), 1.0, 0, False, True)
+
+
 @pytest.mark.parametrize("threads, fixed_team", [(-1, False), (0, True), (-2, True)])
 def test_bad_thread_counts_are_refused_by_name(threads, fixed_team):
     x = rows(10, 3)
