@@ -2,6 +2,7 @@
 
     python bench/distributed_kcenter.py            # n = 50k, d = 512, k = 500; prints only
     python bench/distributed_kcenter.py --quick    # n = 10k, d = 128, k = 100
+    python bench/distributed_kcenter.py --data clusters   # a 100-cluster mixture: most rows pruned
     python bench/distributed_kcenter.py --record   # the same, and appends the table to bench/RESULTS.md
 
 Two processes are started once (torch.multiprocessing, gloo on 127.0.0.1 via a file rendezvous); X (float32,
@@ -62,11 +63,20 @@ def _collectives_alone(d: int, k: int) -> float:
     return time.perf_counter() - t0
 
 
-def _worker(rank: int, n: int, d: int, k: int, repeats: int, init_method: str, results) -> None:
+def make_x(data: str, n: int, d: int) -> torch.Tensor:
+    """The rows (float32, seeded): N(0, 1), or bench/kcenter_pruning.py's 100-cluster mixture (centres ~ N(0, 16),
+    unit noise), where the triangle inequality spares most rows."""
+    g = torch.Generator().manual_seed(0)
+    if data == "gaussian":
+        return torch.randn(n, d, generator=g)
+    return (torch.randn(100, d, generator=g) * 4)[torch.randint(0, 100, (n,), generator=g)] + torch.randn(n, d, generator=g)
+
+
+def _worker(rank: int, data: str, n: int, d: int, k: int, repeats: int, init_method: str, results) -> None:
     cores = os.cpu_count() or 1
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)
     solo = dist.new_group([0])  # every rank takes part in creating it; only rank 0 runs in it
-    x = torch.randn(n, d, generator=torch.Generator().manual_seed(0))
+    x = make_x(data, n, d)
     begin, end = shard_range(n, rank, WORLD)
     shard = x[begin:end].clone()
     if rank != 0:
@@ -116,6 +126,8 @@ def _worker(rank: int, n: int, d: int, k: int, repeats: int, init_method: str, r
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="n = 10k, d = 128, k = 100")
+    parser.add_argument("--data", choices=("gaussian", "clusters"), default="gaussian",
+                        help="X ~ N(0, 1) (every row read every step) or a 100-cluster mixture (most rows pruned)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per configuration (default 3, 5 quick)")
     harness.add_record_flag(parser)
     return parser
@@ -127,14 +139,15 @@ def main() -> None:
     repeats = args.repeats or (5 if args.quick else 3)
     results = mp.get_context("spawn").SimpleQueue()
     with tempfile.TemporaryDirectory() as tmp:  # the rendezvous file of the process group
-        mp.spawn(_worker, args=(n, d, k, repeats, f"file://{os.path.join(tmp, 'rendezvous')}", results),
+        mp.spawn(_worker, args=(args.data, n, d, k, repeats, f"file://{os.path.join(tmp, 'rendezvous')}", results),
                  nprocs=WORLD, join=True)
     result = results.get()
     cores = result["cores"]
     per_thread = harness.quantiles(result["times"]["1 process, distributed_kcenter"])[0]
     per_core = harness.quantiles(result["times"][f"1 process, distributed_kcenter, {cores} threads"])[0]
     lines = [f"Machine: {harness.machine_name()}; {harness.versions()}",
-             f"X: n={n}, d={d}, float32 ({n * d * 4 / 2**20:.0f} MiB); k={k}; {repeats} rounds, round-robin",
+             f"X: {'N(0, 1)' if args.data == 'gaussian' else '100-cluster mixture'}, n={n}, d={d}, float32 "
+             f"({n * d * 4 / 2**20:.0f} MiB); k={k}; {repeats} rounds, round-robin",
              "",
              "| configuration | processes x threads | ms/step median (p20-p80) | vs 1 x 1 | vs 1 x cores |",
              "|---|---|---|---|---|"]
@@ -151,7 +164,8 @@ def main() -> None:
               f"{'yes' if result['same_solo'] else 'NO'} (1 process)."]
     body = "\n".join(lines)
     print(body)
-    harness.record_results(args, f"bench/distributed_kcenter.py{' --quick' if args.quick else ''}",
+    harness.record_results(args, f"bench/distributed_kcenter.py{' --quick' if args.quick else ''}"
+                                 f"{' --data clusters' if args.data == 'clusters' else ''}",
                            "\n".join(lines[1:]) + NOTES)
 
 

@@ -1,5 +1,6 @@
 // pybind11 bindings for erasus._C. Arrays arrive as numpy views of torch tensors and are used in place:
 // every array argument is .noconvert() and checked here, so a wrong dtype or layout is an error, never a copy.
+#include <limits>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -181,6 +182,50 @@ void row_distances(const py::array& x, const std::string& elem_name, const py::a
     erasus::row_distances(data_as(x, tag), n, d, static_cast<float>(scale), centre_ptr, listed, count, out_ptr,
                           threads, fixed_team, vectorized);
   });
+}
+
+py::tuple kcenter_step(const py::array& x, const std::string& elem_name, const py::array& centre, int64_t step,
+                       py::array& min_dist, const py::object& owner, const py::object& to_centre, double scale,
+                       int threads, bool fixed_team, bool vectorized) {
+  const Elem elem = parse_elem(elem_name);
+  check_matrix(x, elem);
+  const int64_t n = x.shape(0), d = x.shape(1);
+  check_vector<float>(centre, "centre", d, false);
+  check_vector<float>(min_dist, "min_dist", n, true);
+  if (step < 0 || step > std::numeric_limits<int32_t>::max()) throw ArrayShapeError("step must be in [0, 2**31)");
+  if (owner.is_none() != to_centre.is_none())
+    throw ArrayShapeError("owner and to_centre go together (pruning) or are both None");
+  int32_t* owner_ptr = nullptr;
+  const float* to_centre_ptr = nullptr;
+  if (!owner.is_none()) {
+    if (!py::isinstance<py::array>(owner) || !py::isinstance<py::array>(to_centre))
+      throw ArrayDTypeError("owner and to_centre must be numpy arrays (int32 and float32)");
+    py::array owner_array = py::reinterpret_borrow<py::array>(owner);
+    const py::array to_centre_array = py::reinterpret_borrow<py::array>(to_centre);
+    check_vector<int32_t>(owner_array, "owner", n, true);
+    const int64_t known = to_centre_array.ndim() == 1 ? to_centre_array.shape(0) : -1;
+    check_vector<float>(to_centre_array, "to_centre", known, false);
+    owner_ptr = static_cast<int32_t*>(owner_array.mutable_data());
+    to_centre_ptr = static_cast<const float*>(to_centre_array.data());
+    for (int64_t j = 0; j < n; ++j)
+      if (owner_ptr[j] < -1 || owner_ptr[j] >= known)
+        throw ArrayShapeError("owner holds a step outside [-1, len(to_centre))");
+  }
+  check_scale(scale);
+  check_threads(threads, fixed_team);
+  const auto* centre_ptr = static_cast<const float*>(centre.data());
+  auto* min_ptr = static_cast<float*>(min_dist.mutable_data());
+  float farthest = -2.f;
+  int64_t index = -1;
+  {
+    py::gil_scoped_release release;
+    index = dispatch(elem, [&](auto* tag) {
+      return erasus::kcenter_step(data_as(x, tag), n, d, static_cast<float>(scale), centre_ptr,
+                                  static_cast<int32_t>(step), min_ptr, owner_ptr, to_centre_ptr, &farthest, threads,
+                                  fixed_team, vectorized);
+    });
+  }
+  return py::make_tuple(index, farthest);
 }
 
 int64_t row_nearest_mean(const py::array& x, const std::string& elem_name, double scale, int threads,
@@ -485,6 +530,14 @@ PYBIND11_MODULE(_C, m) {
         "Squared distances of rows of x * scale to the float32 vector centre, written into out (float32): every "
         "row (rows=None; out of length n) or the rows listed in rows (int64, each in [0, n); out[i] for rows[i]); "
         "the selection loops' distances bit for bit. threads, fixed_team and vectorized as for kcenter_greedy.");
+  m.def("kcenter_step", &kcenter_step, py::arg("x").noconvert(), py::arg("elem"), py::arg("centre").noconvert(),
+        py::arg("step"), py::arg("min_dist").noconvert(), py::arg("owner") = py::none(),
+        py::arg("to_centre") = py::none(), py::arg("scale") = 1.0, py::arg("threads") = 0,
+        py::arg("fixed_team") = false, py::arg("vectorized") = true,
+        "One step of kcenter_greedy on x's rows, in place on min_dist (float32, n; -1 marks centres) and, with "
+        "pruning, owner (int32, n; -1: none yet) given to_centre (float32: squared distances of the earlier "
+        "centres to this one). centre: float32 (d,), already times scale. Returns (farthest row, its min_dist); "
+        "(-1, -2.0) for no rows. Bit for bit kcenter_greedy's step.");
   m.def("row_nearest_mean", &row_nearest_mean, py::arg("x").noconvert(), py::arg("elem"), py::arg("scale") = 1.0,
         py::arg("threads") = 0, py::arg("fixed_team") = false, py::arg("vectorized") = true,
         "Index of the row of x * scale nearest the mean of the rows (summed in double, rows front to back, the "

@@ -410,6 +410,60 @@ inline void widen_row(const T* row, float scale, int64_t d, float* dst) {
 // the computed path, so the selection is the one without pruning.
 constexpr float kPruneMargin = 4.f * (1.f + 1e-3f);
 
+namespace {
+// One chunk of a k-center step: list the rows that must be read (not a centre; with `owner`, not ruled out by
+// the triangle inequality), measure them to the new centre, update the running minima (and owners), and return
+// the chunk's farthest row ({-2, -1} when it holds none; a centre's -1 when it holds only centres).
+template <typename T>
+Best scan_kcenter_chunk(const T* x, int64_t n, int64_t d, float scale, RowDistances<T> distances,
+                        const RowChunks& chunks, int64_t chunk, const float* centre, int32_t step, float* min_dist,
+                        int32_t* owner, const float* to_centre) {
+  const int64_t begin = chunk * chunks.rows_per_chunk, end = std::min(n, begin + chunks.rows_per_chunk);
+  int64_t rows[kBlockRows];
+  float dist[kBlockRows];
+  Best best{-2.f, -1};
+  for (int64_t b = begin; b < end; b += kBlockRows) {
+    const int64_t e = std::min(end, b + kBlockRows);
+    int64_t count = 0;
+    for (int64_t j = b; j < e; ++j) {
+      const float m = min_dist[j];
+      if (m < 0.f) continue;  // a centre
+      const int32_t a = owner != nullptr ? owner[j] : -1;
+      if (a < 0 || to_centre[a] < kPruneMargin * m) rows[count++] = j;
+    }
+    distances(x, d, scale, centre, rows, count, dist);
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t j = rows[i];
+      if (dist[i] < min_dist[j]) {
+        min_dist[j] = dist[i];
+        if (owner != nullptr) owner[j] = step;
+      }
+    }
+    for (int64_t j = b; j < e; ++j)
+      if (min_dist[j] > best.value) best = Best{min_dist[j], j};
+  }
+  return best;
+}
+}  // namespace
+
+template <typename T>
+int64_t kcenter_step(const T* x, int64_t n, int64_t d, float scale, const float* centre, int32_t step,
+                     float* min_dist, int32_t* owner, const float* to_centre, float* farthest, int threads,
+                     bool fixed_team, bool vectorized) {
+  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized);
+  const RowChunks chunks = row_chunks(n, d * static_cast<int64_t>(sizeof(T)));
+  std::vector<Best> per_chunk(static_cast<size_t>(chunks.count), Best{-2.f, -1});
+  auto scan_chunk = [&](int64_t chunk) {
+    per_chunk[static_cast<size_t>(chunk)] = scan_kcenter_chunk(x, n, d, scale, distances, chunks, chunk, centre,
+                                                               step, min_dist, owner, to_centre);
+  };
+  const int team_size = team_threads(threads, fixed_team, n * d * static_cast<int64_t>(sizeof(T)));
+  with_chunk_team(team_size, [&](ChunkTeam& team) { team.run(chunks.count, scan_chunk); });
+  const Best best = per_chunk.empty() ? Best{-2.f, -1} : merge(per_chunk, [](float a, float b) { return a > b; });
+  *farthest = best.value;
+  return best.index;
+}
+
 template <typename T>
 float kcenter_greedy(const T* x, int64_t n, int64_t d, float scale, const int64_t* init, int64_t n_init,
                      int64_t k, int64_t* out, float* min_dist, bool prune, int threads, bool fixed_team,
@@ -424,34 +478,10 @@ float kcenter_greedy(const T* x, int64_t n, int64_t d, float scale, const int64_
   for (int64_t s = 0; s < n_init; ++s) out[s] = init[s];
 
   int64_t s = 0;  // the step: read by the chunks, written by the calling thread between runs
-  // One chunk of a step: list the rows that must be read, measure them to the new centre, update the running
-  // minima, and keep the chunk's farthest row.
   auto scan_chunk = [&](int64_t chunk) {
-    const int64_t begin = chunk * chunks.rows_per_chunk, end = std::min(n, begin + chunks.rows_per_chunk);
-    int64_t rows[kBlockRows];
-    float dist[kBlockRows];
-    Best best{-2.f, -1};
-    for (int64_t b = begin; b < end; b += kBlockRows) {
-      const int64_t e = std::min(end, b + kBlockRows);
-      int64_t count = 0;
-      for (int64_t j = b; j < e; ++j) {
-        const float m = min_dist[j];
-        if (m < 0.f) continue;  // a centre
-        const int32_t a = prune ? owner[j] : -1;
-        if (a < 0 || to_centre[a] < kPruneMargin * m) rows[count++] = j;
-      }
-      distances(x, d, scale, centre.data(), rows, count, dist);
-      for (int64_t i = 0; i < count; ++i) {
-        const int64_t j = rows[i];
-        if (dist[i] < min_dist[j]) {
-          min_dist[j] = dist[i];
-          if (prune) owner[j] = static_cast<int32_t>(s);
-        }
-      }
-      for (int64_t j = b; j < e; ++j)
-        if (min_dist[j] > best.value) best = Best{min_dist[j], j};
-    }
-    per_chunk[static_cast<size_t>(chunk)] = best;
+    per_chunk[static_cast<size_t>(chunk)] =
+        scan_kcenter_chunk(x, n, d, scale, distances, chunks, chunk, centre.data(), static_cast<int32_t>(s),
+                           min_dist, prune ? owner.data() : nullptr, to_centre.data());
   };
 
   float radius2 = 0.f;
@@ -579,7 +609,9 @@ void herding(const T* x, int64_t n, int64_t d, float scale, int64_t k, int64_t* 
   template void herding<T>(const T*, int64_t, int64_t, float, int64_t, int64_t*, uint8_t*, int, bool, bool); \
   template int64_t row_nearest_mean<T>(const T*, int64_t, int64_t, float, int, bool, bool);                  \
   template void row_distances<T>(const T*, int64_t, int64_t, float, const float*, const int64_t*, int64_t, float*, \
-                                 int, bool, bool);
+                                 int, bool, bool);                                                         \
+  template int64_t kcenter_step<T>(const T*, int64_t, int64_t, float, const float*, int32_t, float*, int32_t*,   \
+                                   const float*, float*, int, bool, bool);
 
 ERASUS_INSTANTIATE(float)
 ERASUS_INSTANTIATE(half_bits)

@@ -34,6 +34,18 @@ template <typename T>
 void herding(const T* x, int64_t n, int64_t d, float scale, int64_t k, int64_t* out, uint8_t* selected,
              int threads = 0, bool fixed_team = false, bool vectorized = true);
 
+// One step of kcenter_greedy on the rows of x, for callers that run the loop themselves (erasus.distributed: one
+// rank's rows): the rows not yet centres (min_dist >= 0; mark a new centre's row -1 first) are measured to
+// `centre` (d floats, already times scale) and their running minima lowered. With owner (n int32, -1 for none
+// yet; nullptr: no pruning) a row whose nearest centre a = owner[j] has to_centre[a] >= 4 m (to_centre[a]: the
+// squared distance of centre a to this one) is not read, and a row that comes closer gets owner[j] = step.
+// Returns the farthest row (lowest index on ties) and writes its min_dist to *farthest; -1 and -2 when n == 0.
+// The same arithmetic as kcenter_greedy's steps, bit for bit.
+template <typename T>
+int64_t kcenter_step(const T* x, int64_t n, int64_t d, float scale, const float* centre, int32_t step,
+                     float* min_dist, int32_t* owner, const float* to_centre, float* farthest, int threads = 0,
+                     bool fixed_team = false, bool vectorized = true);
+
 // Squared distances of rows of x (times scale) to `centre` (d floats): the distances of the selection loops, bit
 // for bit (the same kernel and order), on a team as above. listed == nullptr: every row, out[j] for row j;
 // else the `count` rows listed[0..count) (each in [0, n)), out[i] for row listed[i]. For callers that run the

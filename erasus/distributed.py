@@ -525,14 +525,6 @@ class _Distances:
             return self.out
         return self._torch_to_vector(v)
 
-    def listed(self, v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """The distances of the listed rows only (int64 local indices), compiled path only: float32 (len(rows),)."""
-        centre = v.detach().to(dtype=torch.float32, device="cpu").contiguous()
-        out = self.out[: rows.numel()]
-        _cpp.call("row_distances", _cpp.as_numpy(self.x), _cpp.elem_name(self.x.dtype), centre.numpy(), out.numpy(),
-                  self.scale, torch.get_num_threads(), False, True, rows.numpy())
-        return out
-
     def _torch_to_vector(self, v: torch.Tensor) -> torch.Tensor:
         for start in self.blocks:
             rows = self.x[start:start + self.step]
@@ -549,38 +541,31 @@ class _Distances:
         return self.out
 
 
-class _Pruning:
-    """The compiled op's exact pruning by the triangle inequality, on one rank's rows: a row at squared distance m
-    from its nearest centre a cannot come closer to the new centre c when ||c - a||^2 >= 4 m, so it is not read
-    (the same margin for float32 rounding as csrc/coreset.cpp; the selection is the one without pruning). Each
-    rank keeps the centres' rows it received (k x d float32) and the step of every row's nearest centre."""
+class _CompiledSteps:
+    """A rank's k-center steps in the compiled op's own step (``_C.kcenter_step``, on torch's threads): the running
+    minima updated against the new centre and the rank's farthest row, in one call, with the op's exact pruning
+    by the triangle inequality (a row at squared distance m from its nearest centre a is not read when
+    ||c - a||^2 >= 4 m: it cannot come closer; the selection is the one without pruning). Each rank keeps the
+    centres' rows it received (k x d float32) and the step of every row's nearest centre."""
 
-    MARGIN = 4.0 * 1.001  # csrc/coreset.cpp's kPruneMargin, read in float32 against float32 minima
-
-    def __init__(self, k: int, d: int, rows: int):
-        self.centres = torch.empty(k, d, dtype=torch.float32)
+    def __init__(self, x: torch.Tensor, scale: float, k: int):
+        self.x, self.scale = x, scale
+        self.centres = torch.empty(k, x.shape[1], dtype=torch.float32)
         self.to_centre = torch.empty(k, dtype=torch.float32)
-        self.owner = torch.full((rows,), -1, dtype=torch.int64)  # the step of each row's nearest centre
+        self.owner = torch.full((x.shape[0],), -1, dtype=torch.int32)  # the step of each row's nearest centre
 
-    def update(self, distances: _Distances, min_dist: torch.Tensor, row: torch.Tensor, step: int) -> None:
-        """min_dist and the owners updated against centre ``row`` (scaled float32) of ``step``, in place."""
+    def step(self, min_dist: torch.Tensor, row: torch.Tensor, step: int) -> tuple[float, int]:
+        """min_dist (and the owners) updated in place against centre ``row`` (scaled float32) of ``step``; returns
+        this rank's farthest (min_dist, local index), (-2.0, -1) without rows."""
         self.centres[step] = row
-        if step:
-            to_centre = self.to_centre[:step]
+        to_centre = self.to_centre[:step]
+        if step:  # the earlier centres' squared distances to this one, by the same kernel
             _cpp.call("row_distances", self.centres[:step].numpy(), "float32", self.centres[step].numpy(),
                       to_centre.numpy(), 1.0, 1, True, True)
-            bound = to_centre[self.owner.clamp(min=0)]
-            keep = (min_dist >= 0) & ((self.owner < 0) | (bound < min_dist * self.MARGIN))
-        else:
-            keep = min_dist >= 0  # every row but the first centre
-        listed = keep.nonzero().flatten()
-        if listed.numel() == 0:
-            return
-        got = distances.listed(row, listed)
-        closer = got < min_dist[listed]
-        moved = listed[closer]
-        min_dist[moved] = got[closer]
-        self.owner[moved] = step
+        index, value = _cpp.call("kcenter_step", _cpp.as_numpy(self.x), _cpp.elem_name(self.x.dtype),
+                                 self.centres[step].numpy(), step, min_dist.numpy(), self.owner.numpy(),
+                                 to_centre.numpy(), self.scale, torch.get_num_threads(), False, True)
+        return value, index
 
 
 def _float_bits(value: float) -> int:
@@ -601,12 +586,18 @@ def _farthest(values: torch.Tensor, offset: int, g: _Group) -> tuple[float, int]
     """Global (max value, lowest global index holding it) over every rank's ``values`` >= 0, by one all-reduce
     MAX of ``float32 bits << 32 | (2**32 - 1 - index)``: non-negative float32 bits order as integers, and the
     inverted index makes the lowest index win among equal values. (-1.0, -1) when no value is >= 0."""
-    key = _NO_CANDIDATE_MAX
     if values.numel():
         j = int(torch.argmax(values))  # the first maximum: the lowest local index
-        v = float(values[j]) + 0.0  # -0.0 would pack as the largest key
-        if v >= 0.0:
-            key = _float_bits(v) << _INDEX_BITS | ((1 << _INDEX_BITS) - 1 - (offset + j))
+        return _farthest_key(float(values[j]), j, offset, g)
+    return _farthest_key(-1.0, -1, offset, g)
+
+
+def _farthest_key(value: float, j: int, offset: int, g: _Group) -> tuple[float, int]:
+    """:func:`_farthest` from this rank's own farthest (value, local index ``j``); no candidate when value < 0."""
+    key = _NO_CANDIDATE_MAX
+    v = value + 0.0  # -0.0 would pack as the largest key
+    if v >= 0.0:
+        key = _float_bits(v) << _INDEX_BITS | ((1 << _INDEX_BITS) - 1 - (offset + j))
     key = _reduce_key(key, dist.ReduceOp.MAX, g)
     if key < 0:
         return -1.0, -1
@@ -697,18 +688,18 @@ def distributed_kcenter(x_shard: torch.Tensor, k: int, *, metric: str = "l2", in
     indices = init_idx.tolist() + [0] * (k - init_idx.numel())
     distances = _Distances(shard.x, shard.scale)
     min_dist = torch.full((shard.x.shape[0],), float("inf"), device=shard.x.device)
-    pruning = _Pruning(k, shard.x.shape[1], shard.x.shape[0]) if distances.compiled else None
+    compiled = _CompiledSteps(shard.x, shard.scale, k) if distances.compiled else None
     radius2 = 0.0
     for step in range(k):
         centre = indices[step]
         row = _broadcast_row(shard, centre, g)
         if shard.offset <= centre < shard.offset + shard.x.shape[0]:
             min_dist[centre - shard.offset] = -1.0  # never chosen again, even among exact duplicates
-        if pruning is not None:
-            pruning.update(distances, min_dist, row, step)
+        if compiled is not None:
+            value, index = _farthest_key(*compiled.step(min_dist, row, step), shard.offset, g)
         else:
             torch.minimum(min_dist, distances.to_vector(row), out=min_dist)  # keeps the -1 of chosen rows
-        value, index = _farthest(min_dist, shard.offset, g)
+            value, index = _farthest(min_dist, shard.offset, g)
         if init_idx.numel() <= step + 1 < k:
             indices[step + 1] = index
         radius2 = max(value, 0.0)
