@@ -176,9 +176,10 @@ every core as a torch thread (>1: faster). The 2-process row uses cores / 2 thre
 ATen/OpenMP pool sized to its share of the cores), so it and the '1 x cores' rows use the same cores. On one
 machine the processes share its memory bandwidth, so a step that streams X from DRAM gains little from a
 second process; distributed_kcenter is for X spread over machines (or GPUs), where each rank streams only its
-rows. Its per-rank step on CPU is the compiled op's distance kernel (one pass over the rank's rows on its
-threads; no triangle pruning: the update of the running minima stays in torch) plus the per-step collectives,
-whose latency is measured above; the compiled single-process op's row is the reference point on one machine. Timings from a machine shared with other jobs are noisy: compare rows only
+rows. Its per-rank step on CPU is the compiled op's own step (_C.kcenter_step: the triangle pruning, the
+distances, the running minima and the rank's farthest row in one call on the rank's threads) plus the per-step
+collectives, whose latency is measured above; the compiled single-process op's row is the reference point on
+one machine. Timings from a machine shared with other jobs are noisy: compare rows only
 within one run.
 """
 
