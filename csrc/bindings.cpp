@@ -228,6 +228,29 @@ py::tuple kcenter_step(const py::array& x, const std::string& elem_name, const p
   return py::make_tuple(index, farthest);
 }
 
+py::tuple herding_step(const py::array& x, const std::string& elem_name, const py::array& target,
+                       const py::array& selected, double scale, int threads, bool fixed_team, bool vectorized) {
+  const Elem elem = parse_elem(elem_name);
+  check_matrix(x, elem);
+  const int64_t n = x.shape(0), d = x.shape(1);
+  check_vector<float>(target, "target", d, false);
+  check_vector<uint8_t>(selected, "selected", n, false);
+  check_scale(scale);
+  check_threads(threads, fixed_team);
+  const auto* target_ptr = static_cast<const float*>(target.data());
+  const auto* selected_ptr = static_cast<const uint8_t*>(selected.data());
+  float nearest = std::numeric_limits<float>::infinity();
+  int64_t index = -1;
+  {
+    py::gil_scoped_release release;
+    index = dispatch(elem, [&](auto* tag) {
+      return erasus::herding_step(data_as(x, tag), n, d, static_cast<float>(scale), target_ptr, selected_ptr,
+                                  &nearest, threads, fixed_team, vectorized);
+    });
+  }
+  return py::make_tuple(index, nearest);
+}
+
 int64_t row_nearest_mean(const py::array& x, const std::string& elem_name, double scale, int threads,
                          bool fixed_team, bool vectorized) {
   const Elem elem = parse_elem(elem_name);
@@ -538,6 +561,11 @@ PYBIND11_MODULE(_C, m) {
         "pruning, owner (int32, n; -1: none yet) given to_centre (float32: squared distances of the earlier "
         "centres to this one). centre: float32 (d,), already times scale. Returns (farthest row, its min_dist); "
         "(-1, -2.0) for no rows. Bit for bit kcenter_greedy's step.");
+  m.def("herding_step", &herding_step, py::arg("x").noconvert(), py::arg("elem"), py::arg("target").noconvert(),
+        py::arg("selected").noconvert(), py::arg("scale") = 1.0, py::arg("threads") = 0,
+        py::arg("fixed_team") = false, py::arg("vectorized") = true,
+        "One step of herding on x's rows: (the row with selected == 0 nearest target (float32, d), its squared "
+        "distance); (-1, inf) when none is left. selected: uint8 (n,). Bit for bit herding's step.");
   m.def("row_nearest_mean", &row_nearest_mean, py::arg("x").noconvert(), py::arg("elem"), py::arg("scale") = 1.0,
         py::arg("threads") = 0, py::arg("fixed_team") = false, py::arg("vectorized") = true,
         "Index of the row of x * scale nearest the mean of the rows (summed in double, rows front to back, the "

@@ -446,6 +446,46 @@ Best scan_kcenter_chunk(const T* x, int64_t n, int64_t d, float scale, RowDistan
 }
 }  // namespace
 
+namespace {
+// One chunk of a herding step: the chunk's unchosen row nearest the target ({inf, -1} when it has none).
+template <typename T>
+Best scan_herding_chunk(const T* x, int64_t n, int64_t d, float scale, RowDistances<T> distances,
+                        const RowChunks& chunks, int64_t chunk, const float* target, const uint8_t* selected) {
+  const int64_t begin = chunk * chunks.rows_per_chunk, end = std::min(n, begin + chunks.rows_per_chunk);
+  int64_t rows[kBlockRows];
+  float dist[kBlockRows];
+  Best best{std::numeric_limits<float>::infinity(), -1};
+  for (int64_t b = begin; b < end; b += kBlockRows) {
+    const int64_t e = std::min(end, b + kBlockRows);
+    int64_t count = 0;
+    for (int64_t j = b; j < e; ++j)
+      if (!selected[j]) rows[count++] = j;
+    distances(x, d, scale, target, rows, count, dist);
+    for (int64_t i = 0; i < count; ++i)
+      if (best.index < 0 || dist[i] < best.value) best = Best{dist[i], rows[i]};
+  }
+  return best;
+}
+}  // namespace
+
+template <typename T>
+int64_t herding_step(const T* x, int64_t n, int64_t d, float scale, const float* target, const uint8_t* selected,
+                     float* nearest, int threads, bool fixed_team, bool vectorized) {
+  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized);
+  const RowChunks chunks = row_chunks(n, d * static_cast<int64_t>(sizeof(T)));
+  std::vector<Best> per_chunk(static_cast<size_t>(chunks.count), Best{std::numeric_limits<float>::infinity(), -1});
+  auto scan_chunk = [&](int64_t chunk) {
+    per_chunk[static_cast<size_t>(chunk)] =
+        scan_herding_chunk(x, n, d, scale, distances, chunks, chunk, target, selected);
+  };
+  const int team_size = team_threads(threads, fixed_team, n * d * static_cast<int64_t>(sizeof(T)));
+  with_chunk_team(team_size, [&](ChunkTeam& team) { team.run(chunks.count, scan_chunk); });
+  const Best best = per_chunk.empty() ? Best{std::numeric_limits<float>::infinity(), -1}
+                                      : merge(per_chunk, [](float a, float b) { return a < b; });
+  *nearest = best.value;
+  return best.index;
+}
+
 template <typename T>
 int64_t kcenter_step(const T* x, int64_t n, int64_t d, float scale, const float* centre, int32_t step,
                      float* min_dist, int32_t* owner, const float* to_centre, float* farthest, int threads,
@@ -568,22 +608,9 @@ void herding(const T* x, int64_t n, int64_t d, float scale, int64_t k, int64_t* 
   for (int64_t j = 0; j < n; ++j) selected[j] = 0;
   std::vector<float> target(static_cast<size_t>(d));
   std::vector<Best> per_chunk(static_cast<size_t>(chunks.count));
-  // One chunk of a step: the chunk's unchosen row nearest the target.
   auto scan_chunk = [&](int64_t chunk) {
-    const int64_t begin = chunk * chunks.rows_per_chunk, end = std::min(n, begin + chunks.rows_per_chunk);
-    int64_t rows[kBlockRows];
-    float dist[kBlockRows];
-    Best best{std::numeric_limits<float>::infinity(), -1};
-    for (int64_t b = begin; b < end; b += kBlockRows) {
-      const int64_t e = std::min(end, b + kBlockRows);
-      int64_t count = 0;
-      for (int64_t j = b; j < e; ++j)
-        if (!selected[j]) rows[count++] = j;
-      distances(x, d, scale, target.data(), rows, count, dist);
-      for (int64_t i = 0; i < count; ++i)
-        if (best.index < 0 || dist[i] < best.value) best = Best{dist[i], rows[i]};
-    }
-    per_chunk[static_cast<size_t>(chunk)] = best;
+    per_chunk[static_cast<size_t>(chunk)] =
+        scan_herding_chunk(x, n, d, scale, distances, chunks, chunk, target.data(), selected);
   };
 
   const int team_size = team_threads(threads, fixed_team, n * d * static_cast<int64_t>(sizeof(T)));
@@ -611,7 +638,9 @@ void herding(const T* x, int64_t n, int64_t d, float scale, int64_t k, int64_t* 
   template void row_distances<T>(const T*, int64_t, int64_t, float, const float*, const int64_t*, int64_t, float*, \
                                  int, bool, bool);                                                         \
   template int64_t kcenter_step<T>(const T*, int64_t, int64_t, float, const float*, int32_t, float*, int32_t*,   \
-                                   const float*, float*, int, bool, bool);
+                                   const float*, float*, int, bool, bool);                                 \
+  template int64_t herding_step<T>(const T*, int64_t, int64_t, float, const float*, const uint8_t*, float*, int, \
+                                   bool, bool);
 
 ERASUS_INSTANTIATE(float)
 ERASUS_INSTANTIATE(half_bits)

@@ -46,6 +46,13 @@ int64_t kcenter_step(const T* x, int64_t n, int64_t d, float scale, const float*
                      float* min_dist, int32_t* owner, const float* to_centre, float* farthest, int threads = 0,
                      bool fixed_team = false, bool vectorized = true);
 
+// One step of herding on the rows of x, for callers that run the loop themselves: the row with selected[j] == 0
+// nearest `target` (d floats, in the units of x * scale), lowest index on ties; writes its squared distance to
+// *nearest. -1 and +inf when every row is selected or n == 0. The same arithmetic as herding's steps.
+template <typename T>
+int64_t herding_step(const T* x, int64_t n, int64_t d, float scale, const float* target, const uint8_t* selected,
+                     float* nearest, int threads = 0, bool fixed_team = false, bool vectorized = true);
+
 // Squared distances of rows of x (times scale) to `centre` (d floats): the distances of the selection loops, bit
 // for bit (the same kernel and order), on a team as above. listed == nullptr: every row, out[j] for row j;
 // else the `count` rows listed[0..count) (each in [0, n)), out[i] for row listed[i]. For callers that run the

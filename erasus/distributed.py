@@ -607,12 +607,18 @@ def _farthest_key(value: float, j: int, offset: int, g: _Group) -> tuple[float, 
 def _nearest(values: torch.Tensor, offset: int, g: _Group) -> int:
     """Global index of the smallest of every rank's non-negative ``values`` (+inf excluded), lowest index on
     ties, by one all-reduce MIN of ``float32 bits << 32 | index``."""
-    key = _NO_CANDIDATE_MIN
     if values.numel():
         j = int(torch.argmin(values))  # the first minimum: the lowest local index
-        v = float(values[j]) + 0.0
-        if v != float("inf"):
-            key = _float_bits(v) << _INDEX_BITS | (offset + j)
+        return _nearest_key(float(values[j]), j, offset, g)
+    return _nearest_key(float("inf"), -1, offset, g)
+
+
+def _nearest_key(value: float, j: int, offset: int, g: _Group) -> int:
+    """:func:`_nearest` from this rank's own nearest (value, local index ``j``); no candidate when value is +inf."""
+    key = _NO_CANDIDATE_MIN
+    v = value + 0.0
+    if v != float("inf"):
+        key = _float_bits(v) << _INDEX_BITS | (offset + j)
     key = _reduce_key(key, dist.ReduceOp.MIN, g)
     if key == _NO_CANDIDATE_MIN:
         raise InvalidInputError("no row left to choose")  # unreachable for 1 <= k <= n, kept as a guard
@@ -743,8 +749,14 @@ def distributed_herding(x_shard: torch.Tensor, k: int, *, group=None) -> torch.T
     out = []
     for i in range(k):
         target = (mean * (i + 1) - chosen_sum).float()
-        score = distances.to_vector(target).masked_fill_(chosen, float("inf"))
-        j = _nearest(score, shard.offset, g)
+        if distances.compiled:  # the compiled op's own step: this rank's unchosen row nearest the target
+            local, value = _cpp.call("herding_step", _cpp.as_numpy(x), _cpp.elem_name(x.dtype),
+                                     target.contiguous().numpy(), chosen.view(torch.uint8).numpy(), shard.scale,
+                                     torch.get_num_threads(), False, True)
+            j = _nearest_key(value, local, shard.offset, g)
+        else:
+            score = distances.to_vector(target).masked_fill_(chosen, float("inf"))
+            j = _nearest(score, shard.offset, g)
         out.append(j)
         if shard.offset <= j < shard.offset + x.shape[0]:
             chosen[j - shard.offset] = True

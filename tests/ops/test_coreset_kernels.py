@@ -207,6 +207,95 @@ def test_row_distances_are_the_selection_loops_distances_bit_for_bit(dtype):
                   torch.empty(5).numpy(), 1.0, 0, False, True)
 
 
+def kcenter_by_steps(x, k, init=0, prune=True, **options):
+    """kcenter_greedy driven one _C.kcenter_step at a time, as erasus.distributed drives it on one rank."""
+    n, elem = x.shape[0], _cpp.elem_name(x.dtype)
+    min_dist = torch.full((n,), float("inf"))
+    owner = torch.full((n,), -1, dtype=torch.int32) if prune else None
+    to_centre = torch.empty(k)
+    centres = torch.empty(k, x.shape[1])
+    out, value = [init], None
+    for step in range(k):
+        centres[step] = x[out[step]].float()
+        min_dist[out[step]] = -1.0
+        if prune and step:
+            _cpp.call("row_distances", centres[:step].numpy(), "float32", centres[step].numpy(),
+                      to_centre[:step].numpy(), 1.0, 1, True, True)
+        index, value = _cpp.call("kcenter_step", _cpp.as_numpy(x), elem, centres[step].numpy(), step,
+                                 min_dist.numpy(), owner.numpy() if prune else None,
+                                 to_centre[:step].numpy() if prune else None, 1.0, *_options(**options))
+        if step + 1 < k:
+            out.append(index)
+    return out, max(value, 0.0), min_dist
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES])
+def test_one_step_at_a_time_selects_bit_for_bit_what_the_whole_loop_selects(dtype):
+    """_C.kcenter_step and _C.herding_step (erasus.distributed's per-rank steps) driven from Python give the
+    whole loops' indices, radius and running minima bit for bit, with and without pruning, on every team."""
+    for n, d in SHAPES + [(3000, 24)]:
+        x = rows(n, d, dtype, seed=6)
+        k = min(n, 25)
+        for prune in (True, False):
+            want = kcenter(x, k, prune=prune, threads=1, fixed_team=True)
+            for team in TEAMS:
+                assert same_kcenter(kcenter_by_steps(x, k, prune=prune, **team), want), (n, d, prune, team)
+        selected = torch.zeros(n, dtype=torch.uint8)
+        xd = x.double()
+        mean, chosen_sum, got = xd.sum(dim=0) / n, torch.zeros(d, dtype=torch.float64), []
+        for i in range(k):
+            target = ((i + 1) * mean - chosen_sum).float()
+            index, value = _cpp.call("herding_step", _cpp.as_numpy(x), _cpp.elem_name(dtype), target.numpy(),
+                                     selected.numpy(), 1.0, 2, True, True)
+            if i == 0:  # the value returned is the kernel's distance of that row
+                every = torch.empty(n)
+                _cpp.call("row_distances", _cpp.as_numpy(x), _cpp.elem_name(dtype), target.numpy(), every.numpy(),
+                          1.0, 1, True, True)
+                assert value == float(every[index])
+            got.append(index)
+            selected[index] = 1
+            chosen_sum += xd[index]
+        assert got == herding(x, k), (n, d)
+    everything = torch.ones(3, dtype=torch.uint8)
+    assert _cpp.call("herding_step", _cpp.as_numpy(rows(3, 2, dtype)), _cpp.elem_name(dtype), torch.zeros(2).numpy(),
+                     everything.numpy(), 1.0, 1, True, True) == (-1, float("inf"))
+
+
+def test_step_arguments_are_checked_by_name():
+    x, elem = rows(6, 3), "float32"
+    centre, min_dist = torch.zeros(3), torch.full((6,), float("inf"))
+    owner, to_centre = torch.full((6,), -1, dtype=torch.int32), torch.zeros(2)
+
+    def step(**changes):
+        args = dict(centre=centre.numpy(), step=2, min_dist=min_dist.numpy(), owner=owner.numpy(),
+                    to_centre=to_centre.numpy())
+        args.update(changes)
+        return _cpp.call("kcenter_step", _cpp.as_numpy(x), elem, args["centre"], args["step"], args["min_dist"],
+                         args["owner"], args["to_centre"], 1.0, 1, True, True)
+
+    assert step()[0] == int((x.double() ** 2).sum(dim=1).argmax())  # the centre is 0: the longest row is farthest
+    with pytest.raises(errors.ShapeError, match="centre must be 1-D of length 3"):
+        step(centre=torch.zeros(4).numpy())
+    with pytest.raises(errors.ShapeError, match="step must be in"):
+        step(step=-1)
+    with pytest.raises(errors.ShapeError, match="owner and to_centre go together"):
+        step(owner=None)
+    bad_owner = owner.clone()
+    bad_owner[4] = 2  # to_centre holds 2 earlier centres: steps 0 and 1
+    with pytest.raises(errors.ShapeError, match="owner holds a step outside"):
+        step(owner=bad_owner.numpy())
+    with pytest.raises(errors.DTypeError, match="owner"):
+        step(owner=owner.long().numpy())
+    with pytest.raises(errors.ShapeError, match="min_dist must be 1-D of length 6"):
+        step(min_dist=torch.zeros(5).numpy())
+    with pytest.raises(errors.ShapeError, match="selected must be 1-D of length 6"):
+        _cpp.call("herding_step", _cpp.as_numpy(x), elem, centre.numpy(), torch.zeros(5, dtype=torch.uint8).numpy(),
+                  1.0, 1, True, True)
+    with pytest.raises(errors.ShapeError, match="rows holds an index outside"):
+        _cpp.call("row_distances", _cpp.as_numpy(x), elem, centre.numpy(), torch.empty(1).numpy(), 1.0, 1, True,
+                  True, torch.tensor([6]).numpy())
+
+
 @pytest.mark.parametrize("threads, fixed_team", [(-1, False), (0, True), (-2, True)])
 def test_bad_thread_counts_are_refused_by_name(threads, fixed_team):
     x = rows(10, 3)
