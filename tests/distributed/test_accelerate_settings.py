@@ -292,3 +292,28 @@ def test_a_missing_accelerate_is_reported_as_an_unavailable_backend(monkeypatch)
         make_accelerator()
     with pytest.raises(BackendUnavailableError, match="accelerate package"):
         AcceleratedRun(object(), batch_sizes={}, copy=True, adaptive=False, save_merged=False)
+
+
+def test_the_weight_anchor_reaches_the_parameters_through_a_ddp_wrapper(tmp_path):
+    """The Trainer binds a strategy to the plain model and then calls its loss on the DDP wrapper, whose parameter
+    names gain a ``module.`` prefix: the weight anchor holds the parameters themselves, so it still applies (it
+    was dropped silently when looked up by name). One process, gloo."""
+    import torch.distributed as dist
+
+    import erasus.distributed  # noqa: F401  (before init_process_group: see erasus/_process_group_guard.py)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = _classifier()
+        (x, y), _ = _classifier_data()
+        anchored, free = get_strategy("graddiff", anchor="weights", anchor_weight=10.0), get_strategy("graddiff")
+        anchored.bind(model)
+        free.bind(model)
+        with torch.no_grad():
+            model[0].weight.add_(0.1)  # 64 weights moved by 0.1: the anchor is 10 * 64 * 0.01
+        wrapped = nn.parallel.DistributedDataParallel(model)
+        assert all(name.startswith("module.") for name, _ in wrapped.named_parameters())
+        gap = anchored.loss(wrapped, (x, y), (x, y)) - free.loss(wrapped, (x, y), (x, y))
+        assert float(gap) == pytest.approx(6.4, rel=1e-5)
+    finally:
+        dist.destroy_process_group()
