@@ -545,26 +545,35 @@ class _CompiledSteps:
     """A rank's k-center steps in the compiled op's own step (``_C.kcenter_step``, on torch's threads): the running
     minima updated against the new centre and the rank's farthest row, in one call, with the op's exact pruning
     by the triangle inequality (a row at squared distance m from its nearest centre a is not read when
-    ||c - a||^2 >= 4 m: it cannot come closer; the selection is the one without pruning). Each rank keeps the
-    centres' rows it received (k x d float32) and the step of every row's nearest centre."""
+    ||c - a||^2 >= 4 m: it cannot come closer; the selection is the one without pruning). To prune, each rank
+    keeps the centres' rows it received (k x d float32) and the step of every row's nearest centre, and measures
+    each new centre to the earlier ones (O(k d) per step): only while those rows take no more memory than the
+    shard itself or PRUNE_MAX_BYTES, so that the extra memory stays O(rows) and that work small beside a step."""
+
+    PRUNE_MAX_BYTES = 64 << 20
 
     def __init__(self, x: torch.Tensor, scale: float, k: int):
         self.x, self.scale = x, scale
-        self.centres = torch.empty(k, x.shape[1], dtype=torch.float32)
-        self.to_centre = torch.empty(k, dtype=torch.float32)
-        self.owner = torch.full((x.shape[0],), -1, dtype=torch.int32)  # the step of each row's nearest centre
+        self.prune = k * x.shape[1] * 4 <= max(x.numel() * x.element_size(), self.PRUNE_MAX_BYTES)
+        self.centres = torch.empty(k if self.prune else 1, x.shape[1], dtype=torch.float32)
+        self.to_centre = torch.empty(k if self.prune else 0, dtype=torch.float32)
+        # the step of each row's nearest centre
+        self.owner = torch.full((x.shape[0] if self.prune else 0,), -1, dtype=torch.int32)
 
     def step(self, min_dist: torch.Tensor, row: torch.Tensor, step: int) -> tuple[float, int]:
         """min_dist (and the owners) updated in place against centre ``row`` (scaled float32) of ``step``; returns
         this rank's farthest (min_dist, local index), (-2.0, -1) without rows."""
-        self.centres[step] = row
+        slot = step if self.prune else 0
+        self.centres[slot] = row
         to_centre = self.to_centre[:step]
-        if step:  # the earlier centres' squared distances to this one, by the same kernel
+        if self.prune and step:  # the earlier centres' squared distances to this one, by the same kernel
             _cpp.call("row_distances", self.centres[:step].numpy(), "float32", self.centres[step].numpy(),
-                      to_centre.numpy(), 1.0, 1, True, True)
+                      to_centre.numpy(), 1.0, torch.get_num_threads(), False, True)
         index, value = _cpp.call("kcenter_step", _cpp.as_numpy(self.x), _cpp.elem_name(self.x.dtype),
-                                 self.centres[step].numpy(), step, min_dist.numpy(), self.owner.numpy(),
-                                 to_centre.numpy(), self.scale, torch.get_num_threads(), False, True)
+                                 self.centres[slot].numpy(), step, min_dist.numpy(),
+                                 self.owner.numpy() if self.prune else None,
+                                 to_centre.numpy() if self.prune else None, self.scale, torch.get_num_threads(),
+                                 False, True)
         return value, index
 
 
@@ -666,7 +675,8 @@ def distributed_kcenter(x_shard: torch.Tensor, k: int, *, metric: str = "l2", in
     Each step: the running minimum distance of this rank's rows is updated against the newest centre
     (O(rows) memory, never a rows x k matrix), one all-reduce (MAX) of a packed (distance, global index) key
     picks the next centre, and its owner broadcasts the row. Per step ``d`` floats and one int64 cross the
-    network.
+    network. On CPU a rank's step is the compiled op's, which skips the rows the triangle inequality rules out
+    while the k centres' rows it keeps for that fit in max(its shard's bytes, 64 MiB).
 
     The indices equal ``erasus.ops.kcenter_greedy(X, k, metric=..., init=...)`` on the concatenated X: the same
     float32 direct-difference distances as its compiled backends (on CPU their kernel itself, bit for bit), the
@@ -693,7 +703,7 @@ def distributed_kcenter(x_shard: torch.Tensor, k: int, *, metric: str = "l2", in
         init_idx = _default_init(shard, g)
     indices = init_idx.tolist() + [0] * (k - init_idx.numel())
     distances = _Distances(shard.x, shard.scale)
-    min_dist = torch.full((shard.x.shape[0],), float("inf"), device=shard.x.device)
+    min_dist = torch.full((shard.x.shape[0],), float("inf"), dtype=torch.float32, device=shard.x.device)
     compiled = _CompiledSteps(shard.x, shard.scale, k) if distances.compiled else None
     radius2 = 0.0
     for step in range(k):

@@ -417,7 +417,7 @@ class UnlearningTrainer(Trainer):
 
     def _start_run(self, model: nn.Module) -> None:
         strategy = self.strategy
-        strategy.bind(model)
+        strategy.bind(model, new_run=True)  # one run, one weight anchor: this model as it is now
         if strategy.needs_reference:
             strategy.reference(model)  # made now, before any step: the model as it was before unlearning
         data = self.train_dataset

@@ -36,6 +36,12 @@ COMPILED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _warned: set[str] = set()
 
 
+#: what the Python side calls in erasus._C (through erasus.ops._cpp.call)
+_C_FUNCTIONS = ("kcenter_greedy", "herding", "row_nearest_mean", "row_distances", "kcenter_step", "herding_step",
+                "per_sample_grad_norms", "squared_grad_sum", "dual_mask", "dual_select", "dual_sample_keys",
+                "dual_sample_ranks", "dual_score_histogram", "max_threads")
+
+
 @functools.lru_cache(maxsize=None)
 def _probe(name: str) -> tuple[bool, str]:
     if name == "reference":
@@ -50,6 +56,10 @@ def _probe(name: str) -> tuple[bool, str]:
                                "extension: run from another directory (or use the `erasus` command) so that the "
                                "installed package is imported")
             return False, f"compiled extension erasus._C not importable ({exc}); reinstall erasus from source"
+        missing = [name for name in _C_FUNCTIONS if not hasattr(ext, name)]
+        if missing:  # e.g. an editable checkout whose sources moved on since the extension was built
+            return False, (f"erasus._C at {getattr(ext, '__file__', '?')} is older than the Python code (it lacks "
+                           f"{', '.join(missing)}); rebuild it: pip install --no-build-isolation -e .")
         threads = ext.max_threads()
         return True, f"erasus._C, OpenMP {'on' if ext.openmp else 'off'}, {threads} thread(s), CPU tensors"
     if name == "triton":

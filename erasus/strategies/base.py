@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import copy
+import weakref
 import functools
 import operator
 from typing import Callable, ClassVar
@@ -118,6 +119,7 @@ class GradientStrategy(Strategy):
         self._task: Task | None = None
         self._reference: Reference | None = None
         self._initial: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # the weight anchor: (parameter, start)
+        self._anchor_model: weakref.ref | None = None  # the model the anchor was taken from
         self._accelerator = None  # set for the length of a data-parallel unlearn()
 
     @classmethod
@@ -165,8 +167,12 @@ class GradientStrategy(Strategy):
 
     # -- one step ---------------------------------------------------------------------------------------
     def bind(self, model: nn.Module, task: Task | str | None = None, reference: Reference | None = None,
-             original: nn.Module | None = None) -> None:
-        """Set the task (inferred from the model unless given) and the reference for the next steps."""
+             original: nn.Module | None = None, *, new_run: bool = False) -> None:
+        """Set the task (inferred from the model unless given) and the reference for the next steps. The weight
+        anchor (``anchor="weights"``) is taken from ``model`` as it is now when there is none yet, with
+        ``new_run`` (each ``unlearn`` and each Trainer run starts one), or when ``model`` is neither the model it
+        was taken from nor a wrapper of it (DDP's ``.module``, torch.compile's ``._orig_mod``): a strategy reused on
+        another model anchors that model, not the first one."""
         if task is not None or self._task is None:
             self._task = infer_task(model, task)
             self.check_task(self._task)
@@ -174,8 +180,15 @@ class GradientStrategy(Strategy):
             self._reference = reference
         elif original is not None:
             self._reference = Reference.of(original)
-        if self.anchor == "weights" and self._initial is None:
+        if self.anchor == "weights" and (new_run or not self._anchors(model)):
             self._initial = _anchored(model)
+            self._anchor_model = weakref.ref(model)
+
+    def _anchors(self, model: nn.Module) -> bool:
+        """Whether the weight anchor was taken from ``model`` (or the model it wraps)."""
+        held = self._anchor_model() if self._initial is not None and self._anchor_model is not None else None
+        return held is not None and any(m is held for m in (model, getattr(model, "module", None),
+                                                             getattr(model, "_orig_mod", None)))
 
     def loss(self, model: nn.Module, forget_batch, retain_batch=None, original: nn.Module | None = None
              ) -> torch.Tensor:
@@ -223,8 +236,7 @@ class GradientStrategy(Strategy):
             raise InvalidInputError(f"{type(self).__name__} needs retain data")
         if accelerator is not None:
             _check_accelerator(self, accelerator, guard)
-        self._initial = None
-        self.bind(model, task if task is not None else infer_task(model), reference, original)
+        self.bind(model, task if task is not None else infer_task(model), reference, original, new_run=True)
         if self.needs_reference:
             self.reference(model)  # made now, before any step, if the caller gave none
         if not any(p.requires_grad for p in model.parameters()):
@@ -288,8 +300,7 @@ class GradientStrategy(Strategy):
         self._forward.take()
         guard.track(model)
         if self.anchor == "weights":
-            self._initial = None
-            self.bind(trained)  # the anchor's names and tensors as the prepared model holds them
+            self.bind(trained, new_run=True)  # the anchor's tensors as the prepared model holds them
         return trained, opt
 
     def step(self, model: nn.Module, loss: torch.Tensor, opt: torch.optim.Optimizer, guard: TrainingGuard

@@ -216,3 +216,33 @@ def test_finiteness_and_largest_magnitude_agree_with_torch_on_every_path(dtype, 
         assert not all_finite(y), bad
     grad = torch.randn(2 * numel + 1, generator=g, requires_grad=True).to(dtype)[::2]  # strided, autograd
     assert all_finite(grad) and max_abs(grad) == float(grad.detach().abs().max())
+
+
+def test_an_extension_older_than_the_python_code_is_reported_not_called(monkeypatch):
+    """An editable checkout whose sources moved on since erasus._C was built: the cpp backend is unavailable,
+    saying which functions are missing and how to rebuild, instead of an AttributeError in some later call.
+    Every function the Python side calls is listed (checked against the sources) and present in this build."""
+    import importlib
+    import re
+    import types
+
+    from erasus.ops import _backend
+
+    sources = "".join(p.read_text() for p in Path(_backend.__file__).parents[1].rglob("*.py"))
+    called = set(re.findall(r'_cpp\.call\(\s*"(\w+)"', sources))
+    assert called and called <= set(_backend._C_FUNCTIONS)
+    ext = importlib.import_module("erasus._C")
+    assert all(hasattr(ext, name) for name in _backend._C_FUNCTIONS)
+
+    stale = types.SimpleNamespace(__file__="/old/_C.so", **{name: getattr(ext, name) for name in _backend._C_FUNCTIONS
+                                                              if name != "kcenter_step"})
+    real_import = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda name: stale if name == "erasus._C" else real_import(name))
+    _backend._probe.cache_clear()
+    try:
+        ok, why = _backend._probe("cpp")
+        assert not ok and "lacks kcenter_step" in why and "pip install --no-build-isolation -e ." in why
+    finally:
+        monkeypatch.undo()
+        _backend._probe.cache_clear()
+    assert _backend._probe("cpp")[0]

@@ -103,3 +103,35 @@ def test_a_strategy_loss_drives_a_users_own_loop(class_scenario):
         loss.backward()
         opt.step()
     assert accuracy(model, forget) < before
+
+
+def test_the_weight_anchor_belongs_to_the_model_being_trained():
+    """A strategy reused in a user's own loop anchors each model it is given (taken when first seen), not the
+    first model: the anchor's gradient reaches the second model and none goes to the first; a new run
+    (``new_run=True``, as each ``unlearn`` and Trainer run passes) takes the anchor again from the same model."""
+    from torch import nn
+
+    from erasus.strategies import get_strategy
+
+    def classifier(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(6, 4, generator=g), torch.randint(0, 2, (6,), generator=g))
+    strategy, plain = get_strategy("ga", anchor="weights", anchor_weight=10.0), get_strategy("ga")
+    first, second = classifier(0), classifier(1)
+    strategy.loss(first, batch).backward()
+    first.zero_grad()
+    with torch.no_grad():
+        second[0].weight.add_(0.5)  # moved before the strategy ever saw it: its anchor starts here
+    strategy.loss(second, batch)  # binds the second model
+    with torch.no_grad():
+        second[0].weight.add_(0.1)  # 32 weights moved by 0.1 since: the anchor is 10 * 32 * 0.01
+    gap = strategy.loss(second, batch) - plain.loss(second, batch)
+    assert float(gap) == pytest.approx(3.2, rel=1e-5)
+    gap.backward()
+    assert first[0].weight.grad is None or float(first[0].weight.grad.abs().max()) == 0.0
+    torch.testing.assert_close(second[0].weight.grad, torch.full_like(second[0].weight, 2.0))  # 10 * 2 * 0.1
+    strategy.bind(second, new_run=True)  # a new run: the anchor is the model as it is now
+    assert float(strategy.loss(second, batch) - plain.loss(second, batch)) == 0.0
