@@ -268,3 +268,29 @@ def test_shard_ranges_cover_every_row_once_in_order_and_in_whole_batches(n, worl
     assert all(begin % batch == 0 and begin <= end for begin, end in ranges)
     sizes = [-(-(end - begin) // batch) for begin, end in ranges]  # whole batches per rank, as even as possible
     assert max(sizes) - min(sizes) <= 1
+
+
+def test_one_rank_without_pruning_room_and_under_a_float64_default_selects_what_the_op_selects(tmp_path, monkeypatch):
+    """A group of one process: with no room for the pruning state (k x d float32 centres larger than the fp16
+    shard and than PRUNE_MAX_BYTES) the rank reads every row and selects what kcenter_greedy selects; so it does
+    under torch.set_default_dtype(torch.float64) (the running minima stay float32)."""
+    import erasus.distributed as ed
+
+    x = torch.randn(300, 16, generator=torch.Generator().manual_seed(4)).half()
+    want = erasus.ops.kcenter_greedy(x, 290, init=0).indices.tolist()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        assert ed._CompiledSteps(x, 1.0, 290).prune  # 64 MiB of room by default
+        monkeypatch.setattr(ed._CompiledSteps, "PRUNE_MAX_BYTES", 0)
+        assert not ed._CompiledSteps(x, 1.0, 290).prune  # 290 x 16 x 4 bytes > 300 x 16 x 2
+        assert ed._CompiledSteps(x, 1.0, 150).prune  # 150 x 16 x 4 = the shard's 9600 bytes
+        assert distributed_kcenter(x, 290, init=0).indices.tolist() == want
+        monkeypatch.undo()
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            assert distributed_kcenter(x, 290, init=0).indices.tolist() == want
+        finally:
+            torch.set_default_dtype(default)
+    finally:
+        dist.destroy_process_group()
