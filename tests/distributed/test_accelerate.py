@@ -123,15 +123,18 @@ def _write_cli_inputs(folder):
 
 # ------------------------------------------------------------------------------------------- the 2 processes
 
-def _rank_main(rank, init_method, folder):
+def _rank_main(rank, init_method, folder, jobs=None):
+    """One rank: accelerate's environment, a gloo group, then ``jobs(rank, folder)`` (default: this module's)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
                       ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+    import erasus.distributed  # noqa: F401  (before init_process_group: see erasus/_process_group_guard.py)
+
     # a rank left waiting would raise after 2 minutes instead of gloo's 30
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=120))
     try:
-        _rank_jobs(rank, folder)
+        (jobs or _rank_jobs)(rank, folder)
     finally:
         dist.destroy_process_group()
 

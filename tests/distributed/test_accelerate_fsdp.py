@@ -25,9 +25,7 @@ process's, relative (measured at most 4.8e-7); the evaluation of weights not res
 copies after a NaN loss) was off by 1.5e-2.
 """
 import contextlib
-import datetime
 import json
-import os
 
 import pytest
 import torch
@@ -41,7 +39,7 @@ pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from test_accelerate import (BATCH, LORA, STRATEGY, TOL, WORLD, _assert_close, _lora_start, _model,  # noqa: E402
-                             _nan_at, _sets, _tokenizer, _trained)
+                             _nan_at, _rank_main, _sets, _tokenizer, _trained)
 
 METRIC_TOL = 1e-5
 POISONED = "transformer.h.0.attn.c_attn.weight"  # 64 rows: rank 1 holds rows 32-63
@@ -127,20 +125,6 @@ def _fsdp2_accelerator():
 
 # ------------------------------------------------------------------------------------------- the 2 processes
 
-def _rank_main(rank, init_method, folder):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
-                      ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    import erasus.distributed  # noqa: F401  (before init_process_group: see erasus/_process_group_guard.py)
-
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        _rank_jobs(rank, folder)
-    finally:
-        dist.destroy_process_group()
-
-
 def _rank_jobs(rank, folder):
     import erasus.report
     from erasus import ErasusUnlearner
@@ -183,7 +167,7 @@ def _rank_jobs(rank, folder):
 def two_ranks(tmp_path_factory):
     """The folder where both ranks left their results (runs once for the module)."""
     folder = tmp_path_factory.mktemp("accelerate_fsdp")
-    mp.spawn(_rank_main, args=(f"file://{folder / 'rendezvous'}", folder), nprocs=WORLD, join=True)
+    mp.spawn(_rank_main, args=(f"file://{folder / 'rendezvous'}", folder, _rank_jobs), nprocs=WORLD, join=True)
     return folder
 
 
