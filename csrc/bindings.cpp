@@ -156,31 +156,20 @@ void herding(const py::array& x, const std::string& elem_name, py::array& out, p
 }
 
 void row_distances(const py::array& x, const std::string& elem_name, const py::array& centre, py::array& out,
-                   double scale, int threads, bool fixed_team, bool vectorized, const py::object& rows) {
+                   double scale, int threads, bool fixed_team, bool vectorized) {
   const Elem elem = parse_elem(elem_name);
   check_matrix(x, elem);
   const int64_t n = x.shape(0), d = x.shape(1);
   check_vector<float>(centre, "centre", d, false);
-  const int64_t* listed = nullptr;
-  int64_t count = n;
-  if (!rows.is_none()) {
-    if (!py::isinstance<py::array>(rows)) throw ArrayDTypeError("rows must be None or an int64 numpy array");
-    const py::array listed_rows = py::reinterpret_borrow<py::array>(rows);
-    count = listed_rows.ndim() == 1 ? listed_rows.shape(0) : -1;
-    check_vector<int64_t>(listed_rows, "rows", count, false);
-    listed = static_cast<const int64_t*>(listed_rows.data());
-    for (int64_t i = 0; i < count; ++i)
-      if (listed[i] < 0 || listed[i] >= n) throw ArrayShapeError("rows holds an index outside [0, n)");
-  }
-  check_vector<float>(out, "out", count, true);
+  check_vector<float>(out, "out", n, true);
   check_scale(scale);
   check_threads(threads, fixed_team);
   const auto* centre_ptr = static_cast<const float*>(centre.data());
   auto* out_ptr = static_cast<float*>(out.mutable_data());
   py::gil_scoped_release release;
   dispatch(elem, [&](auto* tag) {
-    erasus::row_distances(data_as(x, tag), n, d, static_cast<float>(scale), centre_ptr, listed, count, out_ptr,
-                          threads, fixed_team, vectorized);
+    erasus::row_distances(data_as(x, tag), n, d, static_cast<float>(scale), centre_ptr, out_ptr, threads, fixed_team,
+                          vectorized);
   });
 }
 
@@ -549,9 +538,8 @@ PYBIND11_MODULE(_C, m) {
         "Herding selection on x * scale written into out; threads, fixed_team and vectorized as for kcenter_greedy.");
   m.def("row_distances", &row_distances, py::arg("x").noconvert(), py::arg("elem"), py::arg("centre").noconvert(),
         py::arg("out").noconvert(), py::arg("scale") = 1.0, py::arg("threads") = 0, py::arg("fixed_team") = false,
-        py::arg("vectorized") = true, py::arg("rows") = py::none(),
-        "Squared distances of rows of x * scale to the float32 vector centre, written into out (float32): every "
-        "row (rows=None; out of length n) or the rows listed in rows (int64, each in [0, n); out[i] for rows[i]); "
+        py::arg("vectorized") = true,
+        "Squared distance of every row of x * scale to the float32 vector centre, written into out (float32, n): "
         "the selection loops' distances bit for bit. threads, fixed_team and vectorized as for kcenter_greedy.");
   m.def("kcenter_step", &kcenter_step, py::arg("x").noconvert(), py::arg("elem"), py::arg("centre").noconvert(),
         py::arg("step"), py::arg("min_dist").noconvert(), py::arg("owner") = py::none(),

@@ -444,10 +444,9 @@ Best scan_kcenter_chunk(const T* x, int64_t n, int64_t d, float scale, RowDistan
   }
   return best;
 }
-}  // namespace
 
-namespace {
-// One chunk of a herding step: the chunk's unchosen row nearest the target ({inf, -1} when it has none).
+// One chunk of a herding step: the chunk's unchosen row nearest the target ({inf, -1} when it has none; selected
+// == nullptr: every row is a candidate). Ties keep the lower index.
 template <typename T>
 Best scan_herding_chunk(const T* x, int64_t n, int64_t d, float scale, RowDistances<T> distances,
                         const RowChunks& chunks, int64_t chunk, const float* target, const uint8_t* selected) {
@@ -459,12 +458,24 @@ Best scan_herding_chunk(const T* x, int64_t n, int64_t d, float scale, RowDistan
     const int64_t e = std::min(end, b + kBlockRows);
     int64_t count = 0;
     for (int64_t j = b; j < e; ++j)
-      if (!selected[j]) rows[count++] = j;
+      if (selected == nullptr || !selected[j]) rows[count++] = j;
     distances(x, d, scale, target, rows, count, dist);
     for (int64_t i = 0; i < count; ++i)
       if (best.index < 0 || dist[i] < best.value) best = Best{dist[i], rows[i]};
   }
   return best;
+}
+
+// One step of a loop run by its caller: scan(chunk) on a team sized for this call, the chunks' results merged in
+// chunk order by `better`; `none` when there are no chunks.
+template <typename Scan, typename Better>
+Best one_step(const RowChunks& chunks, int64_t step_bytes, int threads, bool fixed_team, Best none, Scan scan,
+              Better better) {
+  std::vector<Best> per_chunk(static_cast<size_t>(chunks.count), none);
+  auto scan_chunk = [&](int64_t chunk) { per_chunk[static_cast<size_t>(chunk)] = scan(chunk); };
+  with_chunk_team(team_threads(threads, fixed_team, step_bytes),
+                  [&](ChunkTeam& team) { team.run(chunks.count, scan_chunk); });
+  return per_chunk.empty() ? none : merge(per_chunk, better);
 }
 }  // namespace
 
@@ -472,16 +483,12 @@ template <typename T>
 int64_t herding_step(const T* x, int64_t n, int64_t d, float scale, const float* target, const uint8_t* selected,
                      float* nearest, int threads, bool fixed_team, bool vectorized) {
   const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized);
-  const RowChunks chunks = row_chunks(n, d * static_cast<int64_t>(sizeof(T)));
-  std::vector<Best> per_chunk(static_cast<size_t>(chunks.count), Best{std::numeric_limits<float>::infinity(), -1});
-  auto scan_chunk = [&](int64_t chunk) {
-    per_chunk[static_cast<size_t>(chunk)] =
-        scan_herding_chunk(x, n, d, scale, distances, chunks, chunk, target, selected);
-  };
-  const int team_size = team_threads(threads, fixed_team, n * d * static_cast<int64_t>(sizeof(T)));
-  with_chunk_team(team_size, [&](ChunkTeam& team) { team.run(chunks.count, scan_chunk); });
-  const Best best = per_chunk.empty() ? Best{std::numeric_limits<float>::infinity(), -1}
-                                      : merge(per_chunk, [](float a, float b) { return a < b; });
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
+  const RowChunks chunks = row_chunks(n, row_bytes);
+  const Best best = one_step(
+      chunks, n * row_bytes, threads, fixed_team, Best{std::numeric_limits<float>::infinity(), -1},
+      [&](int64_t chunk) { return scan_herding_chunk(x, n, d, scale, distances, chunks, chunk, target, selected); },
+      [](float a, float b) { return a < b; });
   *nearest = best.value;
   return best.index;
 }
@@ -491,15 +498,15 @@ int64_t kcenter_step(const T* x, int64_t n, int64_t d, float scale, const float*
                      float* min_dist, int32_t* owner, const float* to_centre, float* farthest, int threads,
                      bool fixed_team, bool vectorized) {
   const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized);
-  const RowChunks chunks = row_chunks(n, d * static_cast<int64_t>(sizeof(T)));
-  std::vector<Best> per_chunk(static_cast<size_t>(chunks.count), Best{-2.f, -1});
-  auto scan_chunk = [&](int64_t chunk) {
-    per_chunk[static_cast<size_t>(chunk)] = scan_kcenter_chunk(x, n, d, scale, distances, chunks, chunk, centre,
-                                                               step, min_dist, owner, to_centre);
-  };
-  const int team_size = team_threads(threads, fixed_team, n * d * static_cast<int64_t>(sizeof(T)));
-  with_chunk_team(team_size, [&](ChunkTeam& team) { team.run(chunks.count, scan_chunk); });
-  const Best best = per_chunk.empty() ? Best{-2.f, -1} : merge(per_chunk, [](float a, float b) { return a > b; });
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
+  const RowChunks chunks = row_chunks(n, row_bytes);
+  const Best best = one_step(
+      chunks, n * row_bytes, threads, fixed_team, Best{-2.f, -1},
+      [&](int64_t chunk) {
+        return scan_kcenter_chunk(x, n, d, scale, distances, chunks, chunk, centre, step, min_dist, owner,
+                                  to_centre);
+      },
+      [](float a, float b) { return a > b; });
   *farthest = best.value;
   return best.index;
 }
@@ -543,17 +550,12 @@ float kcenter_greedy(const T* x, int64_t n, int64_t d, float scale, const int64_
 }
 
 template <typename T>
-void row_distances(const T* x, int64_t n, int64_t d, float scale, const float* centre, const int64_t* listed,
-                   int64_t count, float* out, int threads, bool fixed_team, bool vectorized) {
+void row_distances(const T* x, int64_t n, int64_t d, float scale, const float* centre, float* out, int threads,
+                   bool fixed_team, bool vectorized) {
   const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized);
-  const int64_t m = listed != nullptr ? count : n;  // the rows measured
-  const RowChunks chunks = row_chunks(m, d * static_cast<int64_t>(sizeof(T)));
+  const RowChunks chunks = row_chunks(n, d * static_cast<int64_t>(sizeof(T)));
   auto scan_chunk = [&](int64_t chunk) {
-    const int64_t begin = chunk * chunks.rows_per_chunk, end = std::min(m, begin + chunks.rows_per_chunk);
-    if (listed != nullptr) {
-      distances(x, d, scale, centre, listed + begin, end - begin, out + begin);
-      return;
-    }
+    const int64_t begin = chunk * chunks.rows_per_chunk, end = std::min(n, begin + chunks.rows_per_chunk);
     int64_t rows[kBlockRows];
     for (int64_t b = begin; b < end; b += kBlockRows) {
       const int64_t block = std::min(end, b + kBlockRows) - b;
@@ -561,9 +563,8 @@ void row_distances(const T* x, int64_t n, int64_t d, float scale, const float* c
       distances(x, d, scale, centre, rows, block, out + b);
     }
   };
-  const int team_size = team_threads(threads, fixed_team, m * d * static_cast<int64_t>(sizeof(T)));
+  const int team_size = team_threads(threads, fixed_team, n * d * static_cast<int64_t>(sizeof(T)));
   with_chunk_team(team_size, [&](ChunkTeam& team) { team.run(chunks.count, scan_chunk); });
-  (void)n;
 }
 
 template <typename T>
@@ -574,19 +575,9 @@ int64_t row_nearest_mean(const T* x, int64_t n, int64_t d, float scale, int thre
   std::vector<double> sums(static_cast<size_t>(d));
   std::vector<float> mean(static_cast<size_t>(d));
   std::vector<Best> per_chunk(static_cast<size_t>(chunks.count));
-  auto scan_chunk = [&](int64_t chunk) {  // the chunk's row nearest the mean; ties keep the lower index
-    const int64_t begin = chunk * chunks.rows_per_chunk, end = std::min(n, begin + chunks.rows_per_chunk);
-    int64_t rows[kBlockRows];
-    float dist[kBlockRows];
-    Best best{std::numeric_limits<float>::infinity(), -1};
-    for (int64_t b = begin; b < end; b += kBlockRows) {
-      const int64_t count = std::min(end, b + kBlockRows) - b;
-      for (int64_t i = 0; i < count; ++i) rows[i] = b + i;
-      distances(x, d, scale, mean.data(), rows, count, dist);
-      for (int64_t i = 0; i < count; ++i)
-        if (best.index < 0 || dist[i] < best.value) best = Best{dist[i], rows[i]};
-    }
-    per_chunk[static_cast<size_t>(chunk)] = best;
+  auto scan_chunk = [&](int64_t chunk) {  // the chunk's row nearest the mean
+    per_chunk[static_cast<size_t>(chunk)] =
+        scan_herding_chunk(x, n, d, scale, distances, chunks, chunk, mean.data(), nullptr);
   };
   const int team_size = team_threads(threads, fixed_team, n * d * static_cast<int64_t>(sizeof(T)));
   with_chunk_team(team_size, [&](ChunkTeam& team) {
@@ -635,8 +626,7 @@ void herding(const T* x, int64_t n, int64_t d, float scale, int64_t k, int64_t* 
                                    int64_t*, float*, bool, int, bool, bool);                                     \
   template void herding<T>(const T*, int64_t, int64_t, float, int64_t, int64_t*, uint8_t*, int, bool, bool); \
   template int64_t row_nearest_mean<T>(const T*, int64_t, int64_t, float, int, bool, bool);                  \
-  template void row_distances<T>(const T*, int64_t, int64_t, float, const float*, const int64_t*, int64_t, float*, \
-                                 int, bool, bool);                                                         \
+  template void row_distances<T>(const T*, int64_t, int64_t, float, const float*, float*, int, bool, bool);                                                         \
   template int64_t kcenter_step<T>(const T*, int64_t, int64_t, float, const float*, int32_t, float*, int32_t*,   \
                                    const float*, float*, int, bool, bool);                                 \
   template int64_t herding_step<T>(const T*, int64_t, int64_t, float, const float*, const uint8_t*, float*, int, \

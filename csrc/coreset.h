@@ -53,13 +53,12 @@ template <typename T>
 int64_t herding_step(const T* x, int64_t n, int64_t d, float scale, const float* target, const uint8_t* selected,
                      float* nearest, int threads = 0, bool fixed_team = false, bool vectorized = true);
 
-// Squared distances of rows of x (times scale) to `centre` (d floats): the distances of the selection loops, bit
-// for bit (the same kernel and order), on a team as above. listed == nullptr: every row, out[j] for row j;
-// else the `count` rows listed[0..count) (each in [0, n)), out[i] for row listed[i]. For callers that run the
-// loop themselves (erasus.distributed: one rank's rows per step, those its pruning keeps).
+// out[j] = squared distance of row j of x (times scale) to `centre` (d floats), for every row: the distances of
+// the selection loops, bit for bit (the same kernel and order), on a team as above. For callers that run a loop
+// themselves (erasus.distributed: the new centre's distances to the earlier ones, for pruning).
 template <typename T>
-void row_distances(const T* x, int64_t n, int64_t d, float scale, const float* centre, const int64_t* listed,
-                   int64_t count, float* out, int threads = 0, bool fixed_team = false, bool vectorized = true);
+void row_distances(const T* x, int64_t n, int64_t d, float scale, const float* centre, float* out, int threads = 0,
+                   bool fixed_team = false, bool vectorized = true);
 
 // The row of x nearest the mean of its rows (times scale), for k-center's default first centre: the mean is
 // summed in double (rows front to back, the same sum on any team) and rounded to float32; distances are

@@ -499,33 +499,25 @@ def _row_blocks(x: torch.Tensor) -> range:
     return range(0, x.shape[0], max(1, (1 << 18) // max(1, x.shape[1])))
 
 
-class _Distances:
-    """Squared distances of a shard's rows to one vector, ``sum_t (x_t * scale - v_t)^2`` in float32 (direct
-    differences, so a duplicate of the vector is exactly 0, and duplicated rows get bitwise equal distances). On
-    CPU, where erasus._C is built, the compiled selection loops' own kernel (one pass over the rows on torch's
-    threads, bit for bit the distances of ``erasus.ops.kcenter_greedy`` / ``herding`` with the cpp backend);
-    elsewhere torch, one cache-sized block of rows at a time (three passes over each block)."""
+def _compiled_steps_here(x: torch.Tensor) -> bool:
+    """Whether a rank's steps run in the compiled op's own steps (CPU rows, erasus._C built); else in torch."""
+    return x.device.type == "cpu" and _backend._probe("cpp")[0]
 
-    def __init__(self, x: torch.Tensor, scale: float, compiled: bool | None = None):
+
+class _Distances:
+    """Squared distances of a shard's rows to one vector in torch, ``sum_t (x_t * scale - v_t)^2`` in float32 --
+    the arithmetic of the compiled backends (direct differences, so a duplicate of the vector is exactly 0, and
+    duplicated rows get bitwise equal distances) -- one cache-sized block of rows at a time: the path where the
+    compiled steps cannot run (GPUs; CPU without erasus._C)."""
+
+    def __init__(self, x: torch.Tensor, scale: float):
         self.x, self.scale = x, scale
         self.blocks = _row_blocks(x)
         self.step = self.blocks.step
+        self.work = torch.empty(min(self.step, x.shape[0]), x.shape[1], dtype=torch.float32, device=x.device)
         self.out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-        if compiled is None:  # the compiled kernel where it can run (tests compare the two paths)
-            compiled = x.device.type == "cpu" and _backend._probe("cpp")[0]
-        self.compiled = compiled
-        self.work = None if self.compiled else torch.empty(min(self.step, x.shape[0]), x.shape[1],
-                                                           dtype=torch.float32, device=x.device)
 
     def to_vector(self, v: torch.Tensor) -> torch.Tensor:
-        if self.compiled:
-            centre = v.detach().to(dtype=torch.float32, device="cpu").contiguous()
-            _cpp.call("row_distances", _cpp.as_numpy(self.x), _cpp.elem_name(self.x.dtype), centre.numpy(),
-                      self.out.numpy(), self.scale, torch.get_num_threads())
-            return self.out
-        return self._torch_to_vector(v)
-
-    def _torch_to_vector(self, v: torch.Tensor) -> torch.Tensor:
         for start in self.blocks:
             rows = self.x[start:start + self.step]
             work = self.work[: rows.shape[0]]
@@ -702,9 +694,9 @@ def distributed_kcenter(x_shard: torch.Tensor, k: int, *, metric: str = "l2", in
     if init_idx is None:
         init_idx = _default_init(shard, g)
     indices = init_idx.tolist() + [0] * (k - init_idx.numel())
-    distances = _Distances(shard.x, shard.scale)
     min_dist = torch.full((shard.x.shape[0],), float("inf"), dtype=torch.float32, device=shard.x.device)
-    compiled = _CompiledSteps(shard.x, shard.scale, k) if distances.compiled else None
+    compiled = _CompiledSteps(shard.x, shard.scale, k) if _compiled_steps_here(shard.x) else None
+    distances = None if compiled is not None else _Distances(shard.x, shard.scale)
     radius2 = 0.0
     for step in range(k):
         centre = indices[step]
@@ -755,11 +747,11 @@ def distributed_herding(x_shard: torch.Tensor, k: int, *, group=None) -> torch.T
     mean = (column_sum / shard.n * shard.scale).to(x.device)  # the order of the cpp backend: sum / n * scale
     chosen_sum = torch.zeros(d, dtype=torch.float64, device=x.device)
     chosen = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    distances = _Distances(x, shard.scale)
+    distances = None if _compiled_steps_here(x) else _Distances(x, shard.scale)
     out = []
     for i in range(k):
         target = (mean * (i + 1) - chosen_sum).float()
-        if distances.compiled:  # the compiled op's own step: this rank's unchosen row nearest the target
+        if distances is None:  # the compiled op's own step: this rank's unchosen row nearest the target
             local, value = _cpp.call("herding_step", _cpp.as_numpy(x), _cpp.elem_name(x.dtype),
                                      target.contiguous().numpy(), chosen.view(torch.uint8).numpy(), shard.scale,
                                      torch.get_num_threads(), False, True)

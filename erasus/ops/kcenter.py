@@ -91,7 +91,7 @@ _INIT_CHUNK_BYTES = 4 << 20
 def _default_init(x: torch.Tensor, scale: float) -> torch.Tensor:
     """The row nearest the mean of ``x * scale`` (the mean summed in float64, rounded to float32; ties to the
     lowest index), whichever backend then runs the selection: on CPU in C++ where erasus._C is built (two
-    streaming passes over x on the op's threads, 50k x 512: ~3-8 ms against ~16-23 ms for the torch chunks),
+    streaming passes over x on the op's threads, 50k x 512: ~11-13 ms against ~16-23 ms for the torch chunks),
     else through :func:`_default_init_torch`. Neither widens x whole."""
     if x.device.type == "cpu" and _backend._probe("cpp")[0]:
         index = _cpp.call("row_nearest_mean", _cpp.as_numpy(x), _cpp.elem_name(x.dtype), scale,

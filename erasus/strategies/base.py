@@ -12,9 +12,9 @@ from __future__ import annotations
 import abc
 import contextlib
 import copy
-import weakref
 import functools
 import operator
+import weakref
 from typing import Callable, ClassVar
 
 import torch
@@ -195,7 +195,7 @@ class GradientStrategy(Strategy):
         """Scalar loss of one step: the method's loss plus the retain anchor, if any. ``original`` is the
         frozen model before unlearning (NPO, SCRUB, KL terms and the anchors use it); it is kept between calls,
         and made from ``model`` at the first call when not given. The weight anchor holds the trainable parameters
-        of the model it was first bound to (by ``bind``, ``unlearn`` or the first call) and their values then."""
+        of the model it was taken from and their values then (see :meth:`bind`)."""
         self.bind(model, original=original)
         total = self.method_loss(model, forget_batch, retain_batch)
         if self.anchor == "outputs" and retain_batch is not None:

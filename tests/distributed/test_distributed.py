@@ -130,16 +130,20 @@ def test_a_ranks_distances_in_torch_equal_the_compiled_kernel_up_to_rounding(dty
     """A rank's per-step distances: on CPU the compiled kernel (what the 2-process test above runs), elsewhere
     torch in row blocks (CUDA; CPU without erasus._C): the same float32 direct differences, so they agree to
     float32 summation order, and both give exactly 0 for a duplicate of the vector; scaled rows too."""
-    from erasus.distributed import _Distances
+    from erasus.distributed import _compiled_steps_here, _Distances
+    from erasus.ops import _cpp
+
+    assert _compiled_steps_here(torch.zeros(1, 1))  # CPU with erasus._C: the compiled steps
 
     g = torch.Generator().manual_seed(3)
     cases = [(0, 5, 1.0), (1, 1, 1.0), (301, 33, 1.0), (5000, 70, 0.25)]
     for n, d, scale in cases + ([(2, 600, 2.0**-40)] if dtype != torch.float16 else []):  # fp16 holds no 2**40
         x = (torch.randn(n, d, generator=g) * (1.0 if scale >= 0.25 else 2.0**40)).to(dtype)
         v = (x[n // 2].float() * scale) if n else torch.zeros(d)
-        compiled, plain = _Distances(x, scale, compiled=True), _Distances(x, scale, compiled=False)
-        assert compiled.compiled and not plain.compiled
-        got, want = compiled.to_vector(v).clone(), plain.to_vector(v)
+        got = torch.empty(n)
+        _cpp.call("row_distances", _cpp.as_numpy(x), _cpp.elem_name(dtype), v.numpy(), got.numpy(), scale, 0, False,
+                  True)
+        want = _Distances(x, scale).to_vector(v)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         if n:
             assert got[n // 2] == 0.0 == want[n // 2]

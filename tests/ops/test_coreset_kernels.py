@@ -291,9 +291,6 @@ def test_step_arguments_are_checked_by_name():
     with pytest.raises(errors.ShapeError, match="selected must be 1-D of length 6"):
         _cpp.call("herding_step", _cpp.as_numpy(x), elem, centre.numpy(), torch.zeros(5, dtype=torch.uint8).numpy(),
                   1.0, 1, True, True)
-    with pytest.raises(errors.ShapeError, match="rows holds an index outside"):
-        _cpp.call("row_distances", _cpp.as_numpy(x), elem, centre.numpy(), torch.empty(1).numpy(), 1.0, 1, True,
-                  True, torch.tensor([6]).numpy())
 
 
 @pytest.mark.parametrize("threads, fixed_team", [(-1, False), (0, True), (-2, True)])
