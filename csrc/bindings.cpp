@@ -587,6 +587,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("dual_mask_vectorized_available", &erasus::dual_mask_vectorized_available,
         "Whether dual_mask's fused 256-bit loop runs on this CPU (x86-64 with AVX2 and F16C).");
   m.def("max_threads", &erasus::max_threads, "OpenMP threads the kernels use.");
+  m.def("last_level_cache_bytes", &erasus::last_level_cache_bytes,
+        "Bytes of the last-level cache the coreset loops assume: a larger X is streamed with non-temporal prefetch.");
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

@@ -3,9 +3,13 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <fstream>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
+
+#include <unistd.h>
 
 #include "element.h"
 #include "parallel.h"
@@ -181,39 +185,47 @@ ERASUS_TARGET_AVX2 inline float avx2_distance(const T* row, __m256 vscale, float
   return acc;
 }
 
-// 16-bit rows are prefetched about this many bytes ahead of the one being read. Their conversion (vcvtph2ps:
-// ~5.8 G elements/s per znver1 core, from L2) leaves the loop compute-bound between misses, and the hardware
-// prefetcher alone then let the misses and the arithmetic take turns: n=50k, d=512, 2 threads, fp16 5.1-5.3 ->
-// 4.7-4.9 ms/step. float32 rows stream as fast or faster without it (6.4-7.0 ms/step either way), so they
-// keep the hardware prefetcher only.
+// Software prefetch, about kPrefetchBytes ahead of the row being read (2-core znver1 VM, 8 MiB L3; medians of
+// interleaved runs, k-center, 2 threads):
+// - X larger than the last-level cache (a step streams it from DRAM): every element type is prefetched with the
+//   non-temporal hint, which keeps the stream from evicting what does stay cached. float32 at n=5k-12k, d=512
+//   (10-24 MB): 0.70-0.85x the time of the hardware prefetcher alone; at 50k x 512 0.93-0.97x, fp16 0.93x.
+// - X that fits: 16-bit rows are prefetched into L1 (their conversion, vcvtph2ps at ~5.8 G elements/s per core,
+//   leaves the loop compute-bound between misses; 50k x 512 fp16 5.1-5.3 -> 4.7-4.9 ms/step when first
+//   measured), float32 keeps the hardware prefetcher: the non-temporal hint there made a cached X slower (2000 x
+//   512 float32: 1.8x the time, as if the next step found it evicted).
 constexpr int64_t kPrefetchBytes = 4096;
 
-template <typename T>
+enum class Prefetch { kHardware, kNear, kStream };
+
+template <int kHint, typename T>
 ERASUS_TARGET_AVX2 inline void prefetch_row(const T* row, int64_t bytes) {
   const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, static_cast<_mm_hint>(kHint));
 }
 
-template <bool kScaled, typename T>
+template <bool kScaled, Prefetch kPrefetch, typename T>
 ERASUS_TARGET_AVX2 void avx2_distances_of(const T* x, int64_t d, __m256 vscale, float scale, const float* centre,
                                           const int64_t* rows, int64_t count, float* out) {
+  constexpr int kHint = kPrefetch == Prefetch::kStream ? _MM_HINT_NTA : _MM_HINT_T0;
   const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
-  const int64_t ahead = sizeof(T) == 2 ? std::max<int64_t>(1, kPrefetchBytes / std::max<int64_t>(row_bytes, 1)) : 0;
-  for (int64_t i = 0; i < std::min(ahead, count); ++i) prefetch_row(x + rows[i] * d, row_bytes);
+  const int64_t ahead =
+      kPrefetch == Prefetch::kHardware ? 0 : std::max<int64_t>(1, kPrefetchBytes / std::max<int64_t>(row_bytes, 1));
+  for (int64_t i = 0; i < std::min(ahead, count); ++i) prefetch_row<kHint>(x + rows[i] * d, row_bytes);
   for (int64_t i = 0; i < count; ++i) {
-    if (ahead && i + ahead < count) prefetch_row(x + rows[i + ahead] * d, row_bytes);
+    if (ahead && i + ahead < count) prefetch_row<kHint>(x + rows[i + ahead] * d, row_bytes);
     out[i] = avx2_distance<kScaled>(x + rows[i] * d, vscale, scale, centre, d);
   }
 }
 
-template <typename T>
+template <Prefetch kPrefetch, typename T>
 ERASUS_TARGET_AVX2 void avx2_distances(const T* x, int64_t d, float scale, const float* centre,
                                        const int64_t* rows, int64_t count, float* out) {
   const __m256 vscale = _mm256_set1_ps(scale);
   if (scale == 1.f)  // the common case: no multiply in the hot loop
-    avx2_distances_of<false>(x, d, vscale, scale, centre, rows, count, out);
+    avx2_distances_of<false, kPrefetch>(x, d, vscale, scale, centre, rows, count, out);
   else
-    avx2_distances_of<true>(x, d, vscale, scale, centre, rows, count, out);
+    avx2_distances_of<true, kPrefetch>(x, d, vscale, scale, centre, rows, count, out);
 }
 
 bool cpu_has_avx2_fma_f16c() {
@@ -225,14 +237,19 @@ bool cpu_has_avx2_fma_f16c() {
 }
 #endif
 
-// The distance kernel for this CPU: AVX2 + FMA + F16C where the CPU has them (checked at run time, so a
-// portable build still uses them), else the portable loop. Both follow the order above.
+// The distance kernel for this CPU and an X of `x_bytes`: AVX2 + FMA + F16C where the CPU has them (checked at
+// run time, so a portable build still uses them), else the portable loop. Both follow the order above; the
+// prefetch (see kPrefetchBytes) changes the time only.
 template <typename T>
-RowDistances<T> row_distances_for_cpu(bool vectorized) {
+RowDistances<T> row_distances_for_cpu(bool vectorized, int64_t x_bytes) {
 #ifdef ERASUS_X86_KERNELS
-  if (vectorized && cpu_has_avx2_fma_f16c()) return &avx2_distances<T>;
+  if (vectorized && cpu_has_avx2_fma_f16c()) {
+    if (x_bytes > last_level_cache_bytes()) return &avx2_distances<Prefetch::kStream, T>;
+    if (sizeof(T) == 2) return &avx2_distances<Prefetch::kNear, T>;
+    return &avx2_distances<Prefetch::kHardware, T>;
+  }
 #endif
-  (void)vectorized;
+  (void)vectorized, (void)x_bytes;
   return &portable_distances<T>;
 }
 
@@ -482,7 +499,7 @@ Best one_step(const RowChunks& chunks, int64_t step_bytes, int threads, bool fix
 template <typename T>
 int64_t herding_step(const T* x, int64_t n, int64_t d, float scale, const float* target, const uint8_t* selected,
                      float* nearest, int threads, bool fixed_team, bool vectorized) {
-  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized);
+  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized, n * d * static_cast<int64_t>(sizeof(T)));
   const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
   const RowChunks chunks = row_chunks(n, row_bytes);
   const Best best = one_step(
@@ -497,7 +514,7 @@ template <typename T>
 int64_t kcenter_step(const T* x, int64_t n, int64_t d, float scale, const float* centre, int32_t step,
                      float* min_dist, int32_t* owner, const float* to_centre, float* farthest, int threads,
                      bool fixed_team, bool vectorized) {
-  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized);
+  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized, n * d * static_cast<int64_t>(sizeof(T)));
   const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
   const RowChunks chunks = row_chunks(n, row_bytes);
   const Best best = one_step(
@@ -515,7 +532,7 @@ template <typename T>
 float kcenter_greedy(const T* x, int64_t n, int64_t d, float scale, const int64_t* init, int64_t n_init,
                      int64_t k, int64_t* out, float* min_dist, bool prune, int threads, bool fixed_team,
                      bool vectorized) {
-  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized);
+  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized, n * d * static_cast<int64_t>(sizeof(T)));
   const RowChunks chunks = row_chunks(n, d * static_cast<int64_t>(sizeof(T)));
   std::vector<float> centre(static_cast<size_t>(d));
   std::vector<Best> per_chunk(static_cast<size_t>(chunks.count));
@@ -552,7 +569,7 @@ float kcenter_greedy(const T* x, int64_t n, int64_t d, float scale, const int64_
 template <typename T>
 void row_distances(const T* x, int64_t n, int64_t d, float scale, const float* centre, float* out, int threads,
                    bool fixed_team, bool vectorized) {
-  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized);
+  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized, n * d * static_cast<int64_t>(sizeof(T)));
   const RowChunks chunks = row_chunks(n, d * static_cast<int64_t>(sizeof(T)));
   auto scan_chunk = [&](int64_t chunk) {
     const int64_t begin = chunk * chunks.rows_per_chunk, end = std::min(n, begin + chunks.rows_per_chunk);
@@ -570,7 +587,7 @@ void row_distances(const T* x, int64_t n, int64_t d, float scale, const float* c
 template <typename T>
 int64_t row_nearest_mean(const T* x, int64_t n, int64_t d, float scale, int threads, bool fixed_team,
                          bool vectorized) {
-  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized);
+  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized, n * d * static_cast<int64_t>(sizeof(T)));
   const RowChunks chunks = row_chunks(n, d * static_cast<int64_t>(sizeof(T)));
   std::vector<double> sums(static_cast<size_t>(d));
   std::vector<float> mean(static_cast<size_t>(d));
@@ -591,7 +608,7 @@ int64_t row_nearest_mean(const T* x, int64_t n, int64_t d, float scale, int thre
 template <typename T>
 void herding(const T* x, int64_t n, int64_t d, float scale, int64_t k, int64_t* out, uint8_t* selected,
              int threads, bool fixed_team, bool vectorized) {
-  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized);
+  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized, n * d * static_cast<int64_t>(sizeof(T)));
   const RowChunks chunks = row_chunks(n, d * static_cast<int64_t>(sizeof(T)));
   // The mean in double (no overflow before scaling), the same on any team (see column_sums).
   std::vector<double> mean(static_cast<size_t>(d), 0.0), chosen_sum(static_cast<size_t>(d), 0.0);
@@ -619,6 +636,30 @@ void herding(const T* x, int64_t n, int64_t d, float scale, int64_t k, int64_t* 
       for (int64_t t = 0; t < d; ++t) chosen_sum[t] += to_float(row[t]) * scale;
     }
   });
+}
+
+// The largest cache CPU 0 lists in sysfs (8 MiB on the znver1 VM, where sysconf reports the host's 64 MiB), else
+// sysconf's L3, else 8 MiB.
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    int64_t best_level = 0, best = 0;
+    for (int index = 0; index < 16; ++index) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+      std::ifstream level_file(dir + "level"), size_file(dir + "size");
+      int64_t level = 0, size = 0;
+      std::string unit;
+      if (!(level_file >> level) || !(size_file >> size)) continue;
+      size_file >> unit;  // "8192K", read as 8192 then "K"
+      if (unit == "K") size <<= 10;
+      else if (unit == "M") size <<= 20;
+      if (level > best_level && size > 0) best_level = level, best = size;
+    }
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    if (best_level < 3) best = std::max<int64_t>(best, sysconf(_SC_LEVEL3_CACHE_SIZE));
+#endif
+    return best > 0 ? best : int64_t{8} << 20;
+  }();
+  return bytes;
 }
 
 #define ERASUS_INSTANTIATE(T)                                                                              \

@@ -67,4 +67,8 @@ template <typename T>
 int64_t row_nearest_mean(const T* x, int64_t n, int64_t d, float scale, int threads = 0, bool fixed_team = false,
                          bool vectorized = true);
 
+// Bytes of the last-level cache, as the loops see it: an X larger than this is streamed from memory on every
+// step, and its rows are then prefetched with the non-temporal hint (the result is the same either way).
+int64_t last_level_cache_bytes();
+
 }  // namespace erasus

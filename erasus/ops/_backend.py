@@ -39,7 +39,7 @@ _warned: set[str] = set()
 #: what the Python side calls in erasus._C (through erasus.ops._cpp.call)
 _C_FUNCTIONS = ("kcenter_greedy", "herding", "row_nearest_mean", "row_distances", "kcenter_step", "herding_step",
                 "per_sample_grad_norms", "squared_grad_sum", "dual_mask", "dual_select", "dual_sample_keys",
-                "dual_sample_ranks", "dual_score_histogram", "max_threads")
+                "dual_sample_ranks", "dual_score_histogram", "max_threads", "last_level_cache_bytes")
 
 
 @functools.lru_cache(maxsize=None)
