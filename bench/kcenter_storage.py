@@ -9,9 +9,9 @@ halves interleaved under the 16 bits for bf16; AVX2 + FMA chosen at run time whe
 float32 loop's arithmetic in the float32 loop's order, so a 16-bit X gives exactly the indices of its float32
 widening (checked here before timing). On a CPU whose fp16 conversion is slow (znver1: vcvtph2ps converts
 about 6.5 G elements/s per core, below what two cores need to stream fp16 rows at the memory bandwidth) fp16
-is bound by the conversion, bf16 (a shift) by memory. Rows of an X larger than the last-level cache (50k x 512 is)
-are prefetched 4 KB ahead with the non-temporal hint, every element type alike; a cached X keeps 16-bit rows
-prefetched into L1 and float32 on the hardware prefetcher. Printed: median ms per selection step
+is bound by the conversion, bf16 (a shift) by memory. 16-bit rows are prefetched 4 KB ahead (the non-temporal hint
+for an X larger than the last-level cache, as 50k x 512 is); float32 rows keep the hardware prefetcher, which
+streamed them as fast or faster. Printed: median ms per selection step
 (20/80 quantiles, interleaved rounds), GB/s of X streamed and the speedup over the float32 op.
 """
 from __future__ import annotations

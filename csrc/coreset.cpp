@@ -185,15 +185,14 @@ ERASUS_TARGET_AVX2 inline float avx2_distance(const T* row, __m256 vscale, float
   return acc;
 }
 
-// Software prefetch, about kPrefetchBytes ahead of the row being read (2-core znver1 VM, 8 MiB L3; medians of
-// interleaved runs, k-center, 2 threads):
-// - X larger than the last-level cache (a step streams it from DRAM): every element type is prefetched with the
-//   non-temporal hint, which keeps the stream from evicting what does stay cached. float32 at n=5k-12k, d=512
-//   (10-24 MB): 0.70-0.85x the time of the hardware prefetcher alone; at 50k x 512 0.93-0.97x, fp16 0.93x.
-// - X that fits: 16-bit rows are prefetched into L1 (their conversion, vcvtph2ps at ~5.8 G elements/s per core,
-//   leaves the loop compute-bound between misses; 50k x 512 fp16 5.1-5.3 -> 4.7-4.9 ms/step when first
-//   measured), float32 keeps the hardware prefetcher: the non-temporal hint there made a cached X slower (2000 x
-//   512 float32: 1.8x the time, as if the next step found it evicted).
+// 16-bit rows are prefetched about kPrefetchBytes ahead of the row being read: their conversion (vcvtph2ps, ~5.8
+// G elements/s per znver1 core) leaves the loop compute-bound between misses, and the hardware prefetcher alone
+// then lets the misses and the arithmetic take turns (50k x 512 fp16, 2 threads: 5.1-5.3 -> 4.7-4.9 ms/step when
+// first measured). An X larger than the last-level cache is prefetched with the non-temporal hint, which keeps
+// the stream from evicting what does stay cached (in-process A/B, medians, 50k x 512: fp16 0.95-0.97x the time
+// of the L1 hint, bf16 0.83x). float32 rows keep the hardware prefetcher: the non-temporal hint made 100 MB of
+// 2 KB rows 4-13% slower (and a cached X 1.8x slower), though 12 MB (d = 512) and 100 MB of 512-byte rows ran
+// 0.92-0.93x; a software prefetch with the L1 hint changed nothing.
 constexpr int64_t kPrefetchBytes = 4096;
 
 enum class Prefetch { kHardware, kNear, kStream };
@@ -244,9 +243,9 @@ template <typename T>
 RowDistances<T> row_distances_for_cpu(bool vectorized, int64_t x_bytes) {
 #ifdef ERASUS_X86_KERNELS
   if (vectorized && cpu_has_avx2_fma_f16c()) {
+    if (sizeof(T) == 4) return &avx2_distances<Prefetch::kHardware, T>;
     if (x_bytes > last_level_cache_bytes()) return &avx2_distances<Prefetch::kStream, T>;
-    if (sizeof(T) == 2) return &avx2_distances<Prefetch::kNear, T>;
-    return &avx2_distances<Prefetch::kHardware, T>;
+    return &avx2_distances<Prefetch::kNear, T>;
   }
 #endif
   (void)vectorized, (void)x_bytes;
@@ -365,7 +364,8 @@ ERASUS_TARGET_AVX2 inline void load16(const bf16_bits* p, __m256& lo, __m256& hi
 // on znver1, where GCC vectorises the portable loop 128 bits wide. Each line read prefetches the same columns
 // kSumRows rows further on (the next call's rows: the loop reads kSumRows rows side by side, too many streams
 // for the hardware prefetcher): row_nearest_mean at 50k x 512, 2 threads, fp16 11.3-12.6 -> 8.4-8.9 ms, float32
-// 12.5-13.5 -> 12.0-12.4 ms (the hint as in avx2_distances_of).
+// 12.5-13.5 -> 12.0-12.4 ms; in-process A/B at 200k x 128: 0.75-0.78x the time for every dtype. The hint: as
+// avx2_distances_of gives 16-bit rows (the non-temporal one for an X larger than the last-level cache).
 template <int kHint, typename T>
 ERASUS_TARGET_AVX2 void avx2_column_add(const T* x, int64_t rows, int64_t d, double* acc) {
   int64_t t0 = 0;
