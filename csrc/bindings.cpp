@@ -588,7 +588,8 @@ PYBIND11_MODULE(_C, m) {
         "Whether dual_mask's fused 256-bit loop runs on this CPU (x86-64 with AVX2 and F16C).");
   m.def("max_threads", &erasus::max_threads, "OpenMP threads the kernels use.");
   m.def("last_level_cache_bytes", &erasus::last_level_cache_bytes,
-        "Bytes of the last-level cache the coreset loops assume: a larger X is streamed with non-temporal prefetch.");
+        "Bytes of the last-level cache the coreset loops assume: beyond it, 16-bit rows (and column sums) are\n"
+        "prefetched with the non-temporal hint.");
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

@@ -68,7 +68,8 @@ int64_t row_nearest_mean(const T* x, int64_t n, int64_t d, float scale, int thre
                          bool vectorized = true);
 
 // Bytes of the last-level cache, as the loops see it: an X larger than this is streamed from memory on every
-// step, and its rows are then prefetched with the non-temporal hint (the result is the same either way).
+// step, and its 16-bit rows (and the column sums' reads, every dtype) are then prefetched with the
+// non-temporal hint (the result is the same either way).
 int64_t last_level_cache_bytes();
 
 }  // namespace erasus
