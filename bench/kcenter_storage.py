@@ -8,12 +8,13 @@ The C++ kernels widen 16-bit rows in registers inside the distance loop (F16C's 
 halves interleaved under the 16 bits for bf16; AVX2 + FMA chosen at run time where the CPU has them) and do the
 float32 loop's arithmetic in the float32 loop's order, so a 16-bit X gives exactly the indices of its float32
 widening (checked here before timing). On a CPU whose fp16 conversion is slow (znver1: vcvtph2ps converts
-about 6.5 G elements/s per core, below what two cores need to stream fp16 rows at the memory bandwidth) fp16
-is bound by the conversion, bf16 (a shift) by memory. 16-bit rows are prefetched 4 KB ahead (the non-temporal hint
-for an X larger than the last-level cache, as 50k x 512 is); float32 rows keep the hardware prefetcher, which
-streamed them as fast or faster. Printed: median ms per selection step
-(20/80 quantiles, interleaved rounds), GB/s of X streamed, the speedup over the float32 op (ratio of the
-medians) and the 20/80 quantiles of the per-round speedups (the float32 call and this one in the same round).
+about 6.5 G elements/s per core alone, ~5 G with the distance arithmetic, below what two cores need to stream
+fp16 rows at the memory bandwidth) fp16 is bound by the conversion, bf16 (a shift) by memory. 16-bit rows are
+prefetched 4 KB ahead (the non-temporal hint for an X larger than the last-level cache, as 50k x 512 is);
+float32 rows keep the hardware prefetcher, which streamed them as fast or faster. Printed: median ms per
+selection step (20/80 quantiles, interleaved rounds), GB/s of X streamed, the speedup over the float32 op
+(ratio of the medians) and the 20/80 quantiles of the per-round speedups (the float32 call and this one in the
+same round).
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def main() -> None:
         for (name, samples), dt in zip(times.items(), DTYPES):
             median, low, high = (v / steps * 1e3 for v in harness.quantiles(samples))
             gbs = n * d * xs[dt].element_size() / (median * 1e-3) / 1e9
-            # the float32 call and this one in the same round, a few seconds apart: the drift of the machine's
+            # the float32 call and this one in the same round, under a second apart: the drift of the machine's
             # bandwidth between rounds cancels in their ratio
             _, r_low, r_high = harness.quantiles([a / b for a, b in zip(times["float32"], samples)])
             rows.append(f"| {op} | {name} | {n} x {d} | {median:.2f} | {low:.2f}–{high:.2f} | {gbs:.1f} | "

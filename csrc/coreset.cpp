@@ -185,10 +185,10 @@ ERASUS_TARGET_AVX2 inline float avx2_distance(const T* row, __m256 vscale, float
   return acc;
 }
 
-// 16-bit rows are prefetched about kPrefetchBytes ahead of the row being read: their conversion (vcvtph2ps, ~5.8
-// G elements/s per znver1 core) leaves the loop compute-bound between misses, and the hardware prefetcher alone
-// then lets the misses and the arithmetic take turns (50k x 512 fp16, 2 threads: 5.1-5.3 -> 4.7-4.9 ms/step when
-// first measured). An X larger than the last-level cache is prefetched with the non-temporal hint, which keeps
+// 16-bit rows are prefetched about kPrefetchBytes ahead of the row being read: their conversion (vcvtph2ps: ~6.5
+// G elements/s per znver1 core alone, ~5 G with the distance arithmetic) leaves the loop compute-bound between
+// misses, and the hardware prefetcher alone then lets the misses and the arithmetic take turns (50k x 512 fp16,
+// 2 threads: 5.1-5.3 -> 4.7-4.9 ms/step when first measured). An X larger than the last-level cache is prefetched with the non-temporal hint, which keeps
 // the stream from evicting what does stay cached (in-process A/B, medians, 50k x 512: fp16 0.95-0.97x the time
 // of the L1 hint, bf16 0.83x). float32 rows keep the hardware prefetcher: the non-temporal hint made 100 MB of
 // 2 KB rows 4-13% slower (and a cached X 1.8x slower), though 12 MB (d = 512) and 100 MB of 512-byte rows ran
@@ -364,20 +364,24 @@ ERASUS_TARGET_AVX2 inline void load16(const bf16_bits* p, __m256& lo, __m256& hi
 }
 
 // portable_column_add with 256-bit registers: the same sums (each a double sum in row order), 1.2-1.8x faster
-// on znver1, where GCC vectorises the portable loop 128 bits wide. Each line read prefetches the same columns
+// on znver1, where GCC vectorises the portable loop 128 bits wide. Each block read prefetches the same columns
 // kSumRows rows further on (the next call's rows: the loop reads kSumRows rows side by side, too many streams
-// for the hardware prefetcher): row_nearest_mean at 50k x 512, 2 threads, fp16 11.3-12.6 -> 8.4-8.9 ms, float32
-// 12.5-13.5 -> 12.0-12.4 ms; in-process A/B at 200k x 128: 0.75-0.78x the time for every dtype. The hint: as
+// for the hardware prefetcher). row_nearest_mean, in-process A/B, 2 threads: 50k x 512 float32 15.0 -> 12.0 ms,
+// fp16 11.5 -> 8.2, bf16 11.2 -> 7.4; 200k x 128: 0.75-0.78x the time for every dtype; 2000 x 128: unchanged. The hint: as
 // avx2_distances_of gives 16-bit rows (the non-temporal one for an X larger than the last-level cache).
 template <int kLocality, typename T>
 ERASUS_TARGET_AVX2 void avx2_column_add(const T* x, int64_t rows, int64_t d, double* acc) {
+  const uintptr_t row_bytes = static_cast<uintptr_t>(d) * sizeof(T);
   int64_t t0 = 0;
   for (; t0 + kSumBlock <= d; t0 += kSumBlock) {
     __m256d a0 = _mm256_loadu_pd(acc + t0), a1 = _mm256_loadu_pd(acc + t0 + 4);
     __m256d a2 = _mm256_loadu_pd(acc + t0 + 8), a3 = _mm256_loadu_pd(acc + t0 + 12);
     for (int64_t r = 0; r < rows; ++r) {
       __m256 lo, hi;
-      __builtin_prefetch(x + (r + kSumRows) * d + t0, 0, kLocality);
+      // the address as an integer: on the last rows it lies past the end of x (a prefetch never faults)
+      __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(x + r * d + t0) +
+                                                       kSumRows * row_bytes),
+                         0, kLocality);
       load16(x + r * d + t0, lo, hi);
       a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm256_castps256_ps128(lo)));
       a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm256_extractf128_ps(lo, 1)));
@@ -647,8 +651,8 @@ void herding(const T* x, int64_t n, int64_t d, float scale, int64_t k, int64_t* 
   });
 }
 
-// The largest cache CPU 0 lists in sysfs (8 MiB on the znver1 VM, where sysconf reports the host's 64 MiB), else
-// sysconf's L3, else 8 MiB.
+// The highest-level cache CPU 0 lists in sysfs (8 MiB on the znver1 VM, where sysconf reports the host's 64 MiB),
+// else sysconf's L3, else 8 MiB.
 int64_t last_level_cache_bytes() {
   static const int64_t bytes = [] {
     int64_t best_level = 0, best = 0;

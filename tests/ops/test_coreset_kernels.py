@@ -210,10 +210,10 @@ def test_row_distances_are_the_selection_loops_distances_bit_for_bit(dtype):
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_an_x_larger_than_the_last_level_cache_gives_the_cached_loops_distances(dtype):
     """16-bit rows of an X larger than the last-level cache are prefetched with the non-temporal hint, those of a
-    smaller one with the L1 hint: the prefetch changes the time only. Every row's distance from the large X
-    equals the same row's from a cached slice of it bit for bit, on every team and the scaled path; k-center
-    and herding (whose mean's column sums prefetch alike) on the large X select what they select on its float32
-    widening."""
+    smaller one with the L1 hint: the prefetch changes the time only. The large X's distances equal bit for bit
+    those of a cached slice of it (the first 300 rows) and those of its float32 widening (every row; float32 rows
+    keep the hardware prefetcher), on every team and the scaled path; k-center and herding (whose mean's column
+    sums prefetch alike) on the large X select what they select on its float32 widening."""
     cache = _cpp.call("last_level_cache_bytes")
     assert cache > 0
     if cache > 64 << 20:
@@ -223,16 +223,19 @@ def test_an_x_larger_than_the_last_level_cache_gives_the_cached_loops_distances(
     x = rows(n, d, dtype, seed=11)
     centre = x[7].float()
     small = 300  # 300 rows: a cached X
+    wide = x.float()
     for scale in (1.0, 0.5):
-        want = torch.empty(small)
+        want, want_wide = torch.empty(small), torch.empty(n)
         _cpp.call("row_distances", _cpp.as_numpy(x[:small]), _cpp.elem_name(dtype), (centre * scale).numpy(),
                   want.numpy(), scale, 1, True, True)
+        _cpp.call("row_distances", _cpp.as_numpy(wide), "float32", (centre * scale).numpy(), want_wide.numpy(),
+                  scale, 1, True, True)
         for team in TEAMS:
             got = torch.empty(n)
             _cpp.call("row_distances", _cpp.as_numpy(x), _cpp.elem_name(dtype), (centre * scale).numpy(),
                       got.numpy(), scale, *_options(**team))
             assert torch.equal(got[:small], want), (scale, team)
-    wide = x.float()
+            assert torch.equal(got, want_wide), (scale, team)
     assert same_kcenter(kcenter(x, 4, threads=2, fixed_team=True), kcenter(wide, 4, threads=2, fixed_team=True))
     assert herding(x, 3, threads=2, fixed_team=True) == herding(wide, 3, threads=2, fixed_team=True)
 
