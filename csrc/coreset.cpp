@@ -188,11 +188,12 @@ ERASUS_TARGET_AVX2 inline float avx2_distance(const T* row, __m256 vscale, float
 // 16-bit rows are prefetched about kPrefetchBytes ahead of the row being read: their conversion (vcvtph2ps: ~6.5
 // G elements/s per znver1 core alone, ~5 G with the distance arithmetic) leaves the loop compute-bound between
 // misses, and the hardware prefetcher alone then lets the misses and the arithmetic take turns (50k x 512 fp16,
-// 2 threads: 5.1-5.3 -> 4.7-4.9 ms/step when first measured). An X larger than the last-level cache is prefetched with the non-temporal hint, which keeps
-// the stream from evicting what does stay cached (in-process A/B, medians, 50k x 512: fp16 0.95-0.97x the time
-// of the L1 hint, bf16 0.83x). float32 rows keep the hardware prefetcher: the non-temporal hint made 100 MB of
-// 2 KB rows 4-13% slower (and a cached X 1.8x slower), though 12 MB (d = 512) and 100 MB of 512-byte rows ran
-// 0.92-0.93x; a software prefetch with the L1 hint changed nothing.
+// 2 threads: 5.1-5.3 -> 4.7-4.9 ms/step when first measured). An X larger than the last-level cache is
+// prefetched with the non-temporal hint, which keeps the stream from evicting what does stay cached (in-process
+// A/B, medians, 50k x 512: fp16 0.95-0.97x the time of the L1 hint, bf16 0.83x). float32 rows keep the
+// hardware prefetcher: the non-temporal hint made 100 MB of 2 KB rows 4-13% slower (and a cached X 1.8x
+// slower), though 12 MB (d = 512) and 100 MB of 512-byte rows ran 0.92-0.93x; a software prefetch with the L1
+// hint changed nothing.
 constexpr int64_t kPrefetchBytes = 4096;
 
 enum class Prefetch { kHardware, kNear, kStream };
@@ -239,19 +240,25 @@ bool cpu_has_avx2_fma_f16c() {
 }
 #endif
 
-// The distance kernel for this CPU and an X of `x_bytes`: AVX2 + FMA + F16C where the CPU has them (checked at
-// run time, so a portable build still uses them), else the portable loop. Both follow the order above; the
-// prefetch (see kPrefetchBytes) changes the time only.
+// Whether an n x d X of T is larger than the last-level cache: then every step streams it from memory.
 template <typename T>
-RowDistances<T> row_distances_for_cpu(bool vectorized, int64_t x_bytes) {
+bool exceeds_cache(int64_t n, int64_t d) {
+  return n * d * static_cast<int64_t>(sizeof(T)) > last_level_cache_bytes();
+}
+
+// The distance kernel for this CPU and an n x d X: AVX2 + FMA + F16C where the CPU has them (checked at run time,
+// so a portable build still uses them), else the portable loop. Both follow the order above; the prefetch (see
+// kPrefetchBytes) changes the time only.
+template <typename T>
+RowDistances<T> row_distances_for_cpu(bool vectorized, int64_t n, int64_t d) {
 #ifdef ERASUS_X86_KERNELS
   if (vectorized && cpu_has_avx2_fma_f16c()) {
     if (sizeof(T) == 4) return &avx2_distances<Prefetch::kHardware, T>;
-    if (x_bytes > last_level_cache_bytes()) return &avx2_distances<Prefetch::kStream, T>;
+    if (exceeds_cache<T>(n, d)) return &avx2_distances<Prefetch::kStream, T>;
     return &avx2_distances<Prefetch::kNear, T>;
   }
 #endif
-  (void)vectorized, (void)x_bytes;
+  (void)vectorized, (void)n, (void)d;
   return &portable_distances<T>;
 }
 
@@ -367,8 +374,9 @@ ERASUS_TARGET_AVX2 inline void load16(const bf16_bits* p, __m256& lo, __m256& hi
 // on znver1, where GCC vectorises the portable loop 128 bits wide. Each block read prefetches the same columns
 // kSumRows rows further on (the next call's rows: the loop reads kSumRows rows side by side, too many streams
 // for the hardware prefetcher). row_nearest_mean, in-process A/B, 2 threads: 50k x 512 float32 15.0 -> 12.0 ms,
-// fp16 11.5 -> 8.2, bf16 11.2 -> 7.4; 200k x 128: 0.75-0.78x the time for every dtype; 2000 x 128: unchanged. The hint: as
-// avx2_distances_of gives 16-bit rows (the non-temporal one for an X larger than the last-level cache).
+// fp16 11.5 -> 8.2, bf16 11.2 -> 7.4; 200k x 128: 0.75-0.78x the time for every dtype; 2000 x 128: unchanged.
+// The hint: as avx2_distances_of gives 16-bit rows (the non-temporal one for an X larger than the last-level
+// cache).
 template <int kLocality, typename T>
 ERASUS_TARGET_AVX2 void avx2_column_add(const T* x, int64_t rows, int64_t d, double* acc) {
   const uintptr_t row_bytes = static_cast<uintptr_t>(d) * sizeof(T);
@@ -397,13 +405,12 @@ ERASUS_TARGET_AVX2 void avx2_column_add(const T* x, int64_t rows, int64_t d, dou
 #endif
 
 template <typename T>
-ColumnAdd<T> column_add_for_cpu(bool vectorized, int64_t x_bytes) {
+ColumnAdd<T> column_add_for_cpu(bool vectorized, int64_t n, int64_t d) {
 #ifdef ERASUS_X86_KERNELS
   if (vectorized && cpu_has_avx2_fma_f16c())
-    return x_bytes > last_level_cache_bytes() ? &avx2_column_add<kStreamLocality, T>
-                                              : &avx2_column_add<kNearLocality, T>;
+    return exceeds_cache<T>(n, d) ? &avx2_column_add<kStreamLocality, T> : &avx2_column_add<kNearLocality, T>;
 #endif
-  (void)vectorized, (void)x_bytes;
+  (void)vectorized, (void)n, (void)d;
   return &portable_column_add<T>;
 }
 
@@ -411,7 +418,7 @@ template <typename T>
 void column_sums(const T* x, int64_t n, int64_t d, ChunkTeam& team, bool vectorized, double* sums) {
   for (int64_t t = 0; t < d; ++t) sums[t] = 0.0;
   if (n == 0 || d == 0) return;
-  const ColumnAdd<T> add = column_add_for_cpu<T>(vectorized, n * d * static_cast<int64_t>(sizeof(T)));
+  const ColumnAdd<T> add = column_add_for_cpu<T>(vectorized, n, d);
   const int64_t max_parts = std::max<int64_t>(1, kSumPartialBytes / (d * static_cast<int64_t>(sizeof(double))));
   const int64_t wanted = std::min({kSumParts, n, max_parts});
   const int64_t rows_per_part = (n + wanted - 1) / wanted;
@@ -512,7 +519,7 @@ Best one_step(const RowChunks& chunks, int64_t step_bytes, int threads, bool fix
 template <typename T>
 int64_t herding_step(const T* x, int64_t n, int64_t d, float scale, const float* target, const uint8_t* selected,
                      float* nearest, int threads, bool fixed_team, bool vectorized) {
-  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized, n * d * static_cast<int64_t>(sizeof(T)));
+  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized, n, d);
   const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
   const RowChunks chunks = row_chunks(n, row_bytes);
   const Best best = one_step(
@@ -527,7 +534,7 @@ template <typename T>
 int64_t kcenter_step(const T* x, int64_t n, int64_t d, float scale, const float* centre, int32_t step,
                      float* min_dist, int32_t* owner, const float* to_centre, float* farthest, int threads,
                      bool fixed_team, bool vectorized) {
-  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized, n * d * static_cast<int64_t>(sizeof(T)));
+  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized, n, d);
   const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
   const RowChunks chunks = row_chunks(n, row_bytes);
   const Best best = one_step(
@@ -545,7 +552,7 @@ template <typename T>
 float kcenter_greedy(const T* x, int64_t n, int64_t d, float scale, const int64_t* init, int64_t n_init,
                      int64_t k, int64_t* out, float* min_dist, bool prune, int threads, bool fixed_team,
                      bool vectorized) {
-  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized, n * d * static_cast<int64_t>(sizeof(T)));
+  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized, n, d);
   const RowChunks chunks = row_chunks(n, d * static_cast<int64_t>(sizeof(T)));
   std::vector<float> centre(static_cast<size_t>(d));
   std::vector<Best> per_chunk(static_cast<size_t>(chunks.count));
@@ -582,7 +589,7 @@ float kcenter_greedy(const T* x, int64_t n, int64_t d, float scale, const int64_
 template <typename T>
 void row_distances(const T* x, int64_t n, int64_t d, float scale, const float* centre, float* out, int threads,
                    bool fixed_team, bool vectorized) {
-  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized, n * d * static_cast<int64_t>(sizeof(T)));
+  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized, n, d);
   const RowChunks chunks = row_chunks(n, d * static_cast<int64_t>(sizeof(T)));
   auto scan_chunk = [&](int64_t chunk) {
     const int64_t begin = chunk * chunks.rows_per_chunk, end = std::min(n, begin + chunks.rows_per_chunk);
@@ -600,7 +607,7 @@ void row_distances(const T* x, int64_t n, int64_t d, float scale, const float* c
 template <typename T>
 int64_t row_nearest_mean(const T* x, int64_t n, int64_t d, float scale, int threads, bool fixed_team,
                          bool vectorized) {
-  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized, n * d * static_cast<int64_t>(sizeof(T)));
+  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized, n, d);
   const RowChunks chunks = row_chunks(n, d * static_cast<int64_t>(sizeof(T)));
   std::vector<double> sums(static_cast<size_t>(d));
   std::vector<float> mean(static_cast<size_t>(d));
@@ -621,7 +628,7 @@ int64_t row_nearest_mean(const T* x, int64_t n, int64_t d, float scale, int thre
 template <typename T>
 void herding(const T* x, int64_t n, int64_t d, float scale, int64_t k, int64_t* out, uint8_t* selected,
              int threads, bool fixed_team, bool vectorized) {
-  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized, n * d * static_cast<int64_t>(sizeof(T)));
+  const RowDistances<T> distances = row_distances_for_cpu<T>(vectorized, n, d);
   const RowChunks chunks = row_chunks(n, d * static_cast<int64_t>(sizeof(T)));
   // The mean in double (no overflow before scaling), the same on any team (see column_sums).
   std::vector<double> mean(static_cast<size_t>(d), 0.0), chosen_sum(static_cast<size_t>(d), 0.0);
@@ -675,14 +682,14 @@ int64_t last_level_cache_bytes() {
   return bytes;
 }
 
-#define ERASUS_INSTANTIATE(T)                                                                              \
-  template float kcenter_greedy<T>(const T*, int64_t, int64_t, float, const int64_t*, int64_t, int64_t,   \
+#define ERASUS_INSTANTIATE(T)                                                                                    \
+  template float kcenter_greedy<T>(const T*, int64_t, int64_t, float, const int64_t*, int64_t, int64_t,          \
                                    int64_t*, float*, bool, int, bool, bool);                                     \
-  template void herding<T>(const T*, int64_t, int64_t, float, int64_t, int64_t*, uint8_t*, int, bool, bool); \
-  template int64_t row_nearest_mean<T>(const T*, int64_t, int64_t, float, int, bool, bool);                  \
-  template void row_distances<T>(const T*, int64_t, int64_t, float, const float*, float*, int, bool, bool);                                                         \
+  template void herding<T>(const T*, int64_t, int64_t, float, int64_t, int64_t*, uint8_t*, int, bool, bool);     \
+  template int64_t row_nearest_mean<T>(const T*, int64_t, int64_t, float, int, bool, bool);                      \
+  template void row_distances<T>(const T*, int64_t, int64_t, float, const float*, float*, int, bool, bool);      \
   template int64_t kcenter_step<T>(const T*, int64_t, int64_t, float, const float*, int32_t, float*, int32_t*,   \
-                                   const float*, float*, int, bool, bool);                                 \
+                                   const float*, float*, int, bool, bool);                                       \
   template int64_t herding_step<T>(const T*, int64_t, int64_t, float, const float*, const uint8_t*, float*, int, \
                                    bool, bool);
 
