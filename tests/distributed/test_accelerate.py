@@ -64,23 +64,28 @@ def _model(tokenizer):
                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
 
 
-def _fit(out_dir, *, lora=None, accelerator=None, nan_on_rank=None, forget_size=None):
-    """GradDiff on the whole forget set (2 epochs of 2 global batches), cheap metrics; with LoRA, also the weight
-    anchor (its names and tensors must be taken from the wrapped model under DDP). ``forget_size``: the first
-    samples of the forget set only."""
+def _graddiff(out_dir, *, lora=None, accelerator=None):
+    """(unlearner, data sets) of the runs here and in test_accelerate_fsdp.py: GradDiff on a copy of the tiny model
+    (2 epochs of 2 global batches), cheap metrics; with LoRA, also the weight anchor (its names and tensors must be
+    taken from the wrapped model under DDP). ``unlearner.strategy`` is the strategy the run uses."""
     from erasus import ErasusUnlearner
     from erasus.strategies import get_strategy
     from erasus.tasks.causal_lm import CausalLM
 
     tokenizer = _tokenizer()
-    sets = _sets(tokenizer)
     anchor = {"anchor": "weights", "anchor_weight": 10.0} if lora else {}
-    strategy = get_strategy("graddiff", **STRATEGY, **anchor)
+    unlearner = ErasusUnlearner(_model(tokenizer), strategy=get_strategy("graddiff", **STRATEGY, **anchor),
+                                selector=None, epochs=2, batch_size=BATCH, copy=True,
+                                task=CausalLM(generation=False, mias=("loss",)), lora=lora, out_dir=out_dir,
+                                accelerator=accelerator)
+    return unlearner, _sets(tokenizer)
+
+
+def _fit(out_dir, *, lora=None, accelerator=None, nan_on_rank=None, forget_size=None):
+    """:func:`_graddiff`'s run on the whole forget set, or on its first ``forget_size`` samples."""
+    unlearner, sets = _graddiff(out_dir, lora=lora, accelerator=accelerator)
     if nan_on_rank is not None:
-        _nan_at(strategy, NAN_STEP, nan_on_rank)
-    unlearner = ErasusUnlearner(_model(tokenizer), strategy=strategy, selector=None, epochs=2, batch_size=BATCH,
-                                copy=True, task=CausalLM(generation=False, mias=("loss",)), lora=lora,
-                                out_dir=out_dir, accelerator=accelerator)
+        _nan_at(unlearner.strategy, NAN_STEP, nan_on_rank)
     forget = sets["forget"] if forget_size is None else Subset(sets["forget"], range(forget_size))
     return unlearner.fit(forget, sets["retain"], test=sets["holdout"])
 

@@ -38,8 +38,8 @@ pytest.importorskip("transformers")
 
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from test_accelerate import (BATCH, LORA, STRATEGY, TOL, WORLD, _assert_close, _lora_start, _model,  # noqa: E402
-                             _nan_at, _rank_main, _sets, _tokenizer, _trained)
+from test_accelerate import (BATCH, LORA, TOL, WORLD, _assert_close, _graddiff, _lora_start, _model,  # noqa: E402
+                             _nan_at, _rank_main, _tokenizer, _trained)
 
 METRIC_TOL = 1e-5
 POISONED = "transformer.h.0.attn.c_attn.weight"  # 64 rows: rank 1 holds rows 32-63
@@ -55,21 +55,11 @@ def _fit(out_dir, *, accelerator=None, lora=None, nan_loss_on_rank=None, nan_wei
     """GradDiff on the whole forget set (2 epochs of 2 global batches), as test_accelerate.py's runs (with LoRA, the
     weight anchor), optionally with a NaN loss at step 4 (snapshots every 2 steps) or a NaN weight after step 3 on
     process ``rank`` (rank 0 in one process)."""
-    from erasus import ErasusUnlearner
-    from erasus.strategies import get_strategy
-    from erasus.tasks.causal_lm import CausalLM
-
-    tokenizer = _tokenizer()
-    sets = _sets(tokenizer)
-    anchor = {"anchor": "weights", "anchor_weight": 10.0} if lora else {}
-    strategy = get_strategy("graddiff", **STRATEGY, **anchor)
+    unlearner, sets = _graddiff(out_dir, lora=lora, accelerator=accelerator)
     if nan_loss_on_rank is not None:
-        _nan_at(strategy, NAN_LOSS_STEP, nan_loss_on_rank)
-    poison = _nan_weight_after(strategy, NAN_WEIGHT_STEP, nan_weight_on_rank) if nan_weight_on_rank is not None \
-        else contextlib.nullcontext()
-    unlearner = ErasusUnlearner(_model(tokenizer), strategy=strategy, selector=None, epochs=2, batch_size=BATCH,
-                                copy=True, task=CausalLM(generation=False, mias=("loss",)), lora=lora,
-                                out_dir=out_dir, accelerator=accelerator)
+        _nan_at(unlearner.strategy, NAN_LOSS_STEP, nan_loss_on_rank)
+    poison = _nan_weight_after(unlearner.strategy, NAN_WEIGHT_STEP, nan_weight_on_rank) \
+        if nan_weight_on_rank is not None else contextlib.nullcontext()
     with poison:
         return unlearner.fit(sets["forget"], sets["retain"], test=sets["holdout"],
                              snapshot_every=NAN_LOSS_SNAPSHOTS if nan_loss_on_rank is not None else 1)
